@@ -1,0 +1,492 @@
+"""Exporting the merged model to GGUF (the llama.cpp / Ollama / LM Studio format) with the ``gguf`` package only.
+
+Mistral is llama-shaped, so the file is written as llama.cpp's ``llama`` architecture, the way llama.cpp's
+``convert_hf_to_gguf.py`` does it for Mistral-7B:
+
+- tensors renamed to llama.cpp's names (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``);
+- the rows of ``q_proj`` and ``k_proj`` permuted (:func:`permute_qk`): Hugging Face applies rotary embeddings to the
+  two *halves* of each head, llama.cpp to *adjacent pairs*; the permutation makes the two agree;
+- the hyper-parameters, the byte-level BPE vocabulary (tokens, token types, merges, special ids) and the chat
+  template written as metadata, so the file alone is enough to chat with the model.
+
+The export streams: tensor shapes are read from the safetensors headers first (the GGUF header must list every
+tensor's name, shape, type and offset before any data), then each tensor is loaded, converted, written and freed
+in turn. At most one tensor (and its converted copy) is in memory: for Mistral-7B the largest, the 32,000 x 4,096
+embedding, is 0.5 GB in fp32, not the model's 14.5 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+ARCHITECTURE = "llama"
+LLAMA_SHAPED = ("mistral", "llama")  # Hugging Face model types that llama.cpp runs as `llama`
+Q8_0_BLOCK = 32  # q8_0 stores blocks of 32 weights: 32 int8 + one fp16 scale = 34 bytes
+
+
+def permute_qk(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` of a q/k projection ([n_head * head_dim, hidden] -> same shape).
+
+    Hugging Face's rotary embedding rotates dimension ``i`` of a head with dimension ``i + head_dim/2``
+    (``rotate_half``); llama.cpp rotates ``2i`` with ``2i + 1``. Inside each head the rows are reordered
+    from ``[x0..x(d/2-1), y0..y(d/2-1)]`` to ``[x0, y0, x1, y1, ...]``. ``k_proj`` has ``n_head_kv`` heads
+    under grouped-query attention.
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    head_half = weights.shape[0] // n_head // 2
+    return weights.reshape(n_head, 2, head_half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def unpermute_qk(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """The inverse of :func:`permute_qk` (what a GGUF loader does to get Hugging Face's layout back)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    head_half = weights.shape[0] // n_head // 2
+    return weights.reshape(n_head, head_half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+# --- reading the merged folder without loading the model --------------------------------------------------
+
+
+def read_config(merged_dir: str | Path) -> dict[str, Any]:
+    """``config.json`` of a saved model, refused unless llama-shaped (Mistral or Llama) with plain rotary embeddings."""
+    path = Path(merged_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{merged_dir} holds no config.json: not a saved model (run notebooks 04 and 05)")
+    config = json.loads(path.read_text())
+    if config.get("model_type") not in LLAMA_SHAPED:
+        raise ValueError(
+            f"{merged_dir}: model_type {config.get('model_type')!r} is not llama-shaped ({', '.join(LLAMA_SHAPED)}); "
+            "use llama.cpp's convert_hf_to_gguf.py, which knows every architecture"
+        )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{merged_dir}: rope scaling {rope!r} is not handled by this exporter")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{merged_dir}: biases in attention or MLP are not handled by this exporter")
+    return config
+
+
+def rope_theta(config: dict[str, Any]) -> float:
+    """The rotary base frequency, from ``rope_parameters`` (transformers 5) or ``rope_theta`` (older configs)."""
+    rope = config.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    """Width of one attention head (``head_dim``, else hidden size / heads)."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def safetensors_files(merged_dir: str | Path) -> dict[str, Path]:
+    """Each tensor name of a saved model and the safetensors file holding it (one file, or an index of shards)."""
+    merged_dir = Path(merged_dir)
+    index = merged_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: merged_dir / file for name, file in weight_map.items()}
+    single = merged_dir / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{merged_dir} holds no model.safetensors (nor an index of shards)")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor of the export: where it comes from, its GGUF name, shape (rows, columns), type and size."""
+
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: Any  # gguf.GGMLQuantizationType
+    nbytes: int
+    file: Path
+
+
+def gguf_tensor_type(shape: Sequence[int], dtype: str):
+    """The GGML type of one tensor, as llama.cpp chooses it: 1-D tensors (the norms) stay f32 in every file;
+    2-D weights take the requested type, and q8_0 falls back to f16 when a row is not a multiple of 32."""
+    from gguf import GGMLQuantizationType as Q
+
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"dtype must be one of {GGUF_DTYPES}, not {dtype!r}")
+    if len(shape) == 1 or dtype == "f32":
+        return Q.F32
+    if dtype == "q8_0" and shape[-1] % Q8_0_BLOCK == 0:
+        return Q.Q8_0
+    return Q.F16
+
+
+def tensor_nbytes(shape: Sequence[int], qtype) -> int:
+    """Bytes a tensor of ``shape`` takes in GGML type ``qtype`` (q8_0: 34 bytes per 32 weights)."""
+    from gguf import quant_shape_to_byte_shape
+
+    return int(np.prod(quant_shape_to_byte_shape(tuple(shape), qtype)))
+
+
+def tensor_plan(merged_dir: str | Path, dtype: str) -> list[TensorPlan]:
+    """What the export writes, tensor by tensor, from the safetensors headers alone (no weight is loaded)."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+    from safetensors import safe_open
+
+    config = read_config(merged_dir)
+    name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    plan = []
+    files = safetensors_files(merged_dir)
+    for hf_name in sorted(files, key=_tensor_order):
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"{merged_dir}: no llama.cpp name for tensor {hf_name!r}")
+        with safe_open(files[hf_name], framework="pt") as f:
+            shape = tuple(f.get_slice(hf_name).get_shape())
+        qtype = gguf_tensor_type(shape, dtype)
+        plan.append(TensorPlan(hf_name, gguf_name, shape, qtype, tensor_nbytes(shape, qtype), files[hf_name]))
+    return plan
+
+
+def _tensor_order(name: str) -> tuple[int, int, str]:
+    """Embeddings first, then the layers in numeric order, then the final norm and the head (llama.cpp's order)."""
+    parts = name.split(".")
+    if "layers" in parts:
+        return (1, int(parts[parts.index("layers") + 1]), name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+# --- the vocabulary -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFVocab:
+    """The tokenizer as llama.cpp stores it: token strings by id, their types, the BPE merges, special ids."""
+
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int]  # bos / eos / unk / pad -> id, only those the tokenizer has
+    chat_template: str | None
+
+
+def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
+    """Tokens, token types and merges of a byte-level BPE tokenizer, as llama.cpp's ``_set_vocab_gpt2`` writes them.
+
+    Every added special token (``<|im_start|>``, ``<|im_end|>``, ``<pad>``, ``<unk>``) is a CONTROL token: llama.cpp
+    matches it whole in text and hides it when printing. Added non-special tokens are USER_DEFINED; ids the
+    tokenizer does not use up to the model's ``vocab_size`` are padded as UNUSED ``[PAD<id>]``.
+    """
+    from gguf import TokenType
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        fallback = " with byte fallback (SentencePiece-like)" if model.get("byte_fallback") else ""
+        kind = f"{model.get('type')!r}{fallback}"
+        raise ValueError(
+            "only byte-level BPE tokenizers (GPT-2 style, llama.cpp's 'gpt2' model) are handled here; "
+            f"this one is {kind}. Use llama.cpp's convert_hf_to_gguf.py for it"
+        )
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(vocab)} tokens but the model only {vocab_size} embeddings")
+    by_id = {index: token for token, index in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    special = {
+        name: getattr(tokenizer, f"{name}_token_id")
+        for name in ("bos", "eos", "unk", "pad")
+        if getattr(tokenizer, f"{name}_token_id", None) is not None
+    }
+    return GGUFVocab(tokens, [int(t) for t in types], merges, special, tokenizer.chat_template)
+
+
+# --- the export ---------------------------------------------------------------------------------------------
+
+
+def _file_type(dtype: str):
+    from gguf import LlamaFileType
+
+    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+
+def _write_metadata(writer, config: dict[str, Any], vocab: GGUFVocab, dtype: str, name: str) -> None:
+    """llama.cpp's llama keys: hyper-parameters, file type and the tokenizer."""
+    from gguf import GGML_QUANT_VERSION
+
+    writer.add_name(name)
+    writer.add_file_type(_file_type(dtype))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
+    writer.add_rope_dimension_count(head_dim(config))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    # the tokenizer: byte-level BPE ("gpt2") with GPT-2's pre-tokenizer split
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    setters = {
+        "bos": writer.add_bos_token_id,
+        "eos": writer.add_eos_token_id,
+        "unk": writer.add_unk_token_id,
+        "pad": writer.add_pad_token_id,
+    }
+    for key, token_id in vocab.special_ids.items():
+        setters[key](token_id)
+    writer.add_add_bos_token(False)  # ChatML prompts carry no BOS; the template writes every control token
+    writer.add_add_eos_token(False)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+
+
+def _convert(weights: np.ndarray, qtype) -> np.ndarray:
+    """One float32 tensor in the GGML type of the file (q8_0 through gguf's own reference quantiser)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if qtype == Q.F32:
+        return np.ascontiguousarray(weights, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(weights.astype(np.float16))
+    return quants.quantize(np.ascontiguousarray(weights, dtype=np.float32), qtype)
+
+
+def export_gguf(merged_dir: str | Path, out_path: str | Path, dtype: str = "f16", *, name: str | None = None) -> Path:
+    """Write the merged model in ``merged_dir`` as one GGUF file of type ``dtype`` ("f32", "f16" or "q8_0").
+
+    Streams tensor by tensor (see the module docstring), writes to a temporary name beside ``out_path`` and
+    renames it at the end, so an interrupted export never leaves a truncated file under the final name.
+    Returns ``out_path``.
+    """
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    merged_dir, out_path = Path(merged_dir), Path(out_path)
+    config = read_config(merged_dir)
+    plan = tensor_plan(merged_dir, dtype)
+    vocab = gguf_vocab(AutoTokenizer.from_pretrained(merged_dir), config["vocab_size"])
+    n_head, n_head_kv = config["num_attention_heads"], config.get("num_key_value_heads")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, ARCHITECTURE)
+    try:
+        _write_metadata(writer, config, vocab, dtype, name or merged_dir.parent.name or merged_dir.name)
+        # 1. the header lists every tensor (name, shape, type, offset) before any data: from the plan alone
+        for t in plan:
+            if t.qtype in (Q.F32, Q.F16):
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32 if t.qtype == Q.F32 else np.float16),
+                                       t.nbytes)
+            else:
+                from gguf import quant_shape_to_byte_shape
+
+                byte_shape = quant_shape_to_byte_shape(t.shape, t.qtype)
+                writer.add_tensor_info(t.gguf_name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        # 2. then the data, one tensor at a time, in the same order
+        for t in plan:
+            with safe_open(t.file, framework="pt") as f:
+                weights = f.get_tensor(t.hf_name).to(torch.float32).numpy()
+            if t.gguf_name.endswith("attn_q.weight"):
+                weights = permute_qk(weights, n_head, n_head)
+            elif t.gguf_name.endswith("attn_k.weight"):
+                weights = permute_qk(weights, n_head, n_head_kv)
+            data = _convert(weights, t.qtype)
+            if data.nbytes != t.nbytes:
+                raise RuntimeError(f"{t.gguf_name}: {data.nbytes} bytes converted, {t.nbytes} announced in the header")
+            writer.write_tensor_data(data)
+            del weights, data
+        writer.close()
+        tmp.replace(out_path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+# --- reading it back ------------------------------------------------------------------------------------------
+
+
+def gguf_metadata(path: str | Path, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metadata of a GGUF file as plain python values (read with ``gguf.GGUFReader``); all keys, or only ``keys``."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    wanted = reader.fields if keys is None else {k: reader.fields[k] for k in keys if k in reader.fields}
+    return {key: field.contents() for key, field in wanted.items() if not key.startswith("GGUF.")}
+
+
+def gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    """The GGML type name of every tensor in a GGUF file, e.g. ``{"blk.0.attn_q.weight": "Q8_0"}``."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def special_token_types(path: str | Path, tokenizer) -> dict[str, str]:
+    """The token type the GGUF file gives each added special token of ``tokenizer`` (all should be CONTROL)."""
+    from gguf import TokenType
+
+    meta = gguf_metadata(path, ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type"])
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    found = {}
+    for index, token in tokenizer.added_tokens_decoder.items():
+        if token.special:
+            found[token.content] = TokenType(types[index]).name if tokens[index] == token.content else "MISSING"
+    return found
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The model and tokenizer transformers rebuilds from a GGUF file (weights dequantised to ``dtype``).
+
+    ``from_pretrained(folder, gguf_file=name)`` reads the metadata into a config and a tokenizer, dequantises
+    every tensor with ``gguf`` and un-permutes q/k. Its per-tensor progress bar is switched off.
+    """
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with mock.patch.object(gguf_utils, "tqdm", lambda iterable, **_: iterable):  # "de-quantizing GGUF tensors" bar
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def rounded_copy(model, dtype: str):
+    """A copy of ``model`` whose weights are rounded exactly as a GGUF file of type ``dtype`` stores them.
+
+    Each tensor goes through :func:`gguf_tensor_type` and gguf's own quantise/dequantise; q/k permutation only
+    reorders rows and both f16 and q8_0 round row by row, so the permutation does not change the rounding.
+    Logits of this copy equal those of the model reloaded from the GGUF file bit for bit when the file holds
+    exactly these weights and the loader computes exactly as transformers' Mistral does.
+    """
+    import copy
+
+    from gguf import quants
+
+    rounded = copy.deepcopy(model)
+    for parameter in rounded.parameters():
+        weights = parameter.detach().to(torch.float32).cpu().numpy()
+        qtype = gguf_tensor_type(weights.shape, dtype)
+        restored = quants.dequantize(_convert(weights, qtype), qtype).reshape(weights.shape)
+        parameter.copy_(torch.from_numpy(np.ascontiguousarray(restored)).to(parameter.dtype))
+    return rounded
+
+
+def find_or_build_merged(profile, run_id: str, *, build_if_missing: bool, steps: int = 5) -> Path:
+    """The run folder whose ``merged/`` the export reads: ``<profile>-<run_id>`` when notebooks 04 and 05 made it.
+
+    When it is missing: with ``build_if_missing`` a short run (``steps`` DPO steps, merged) is trained through
+    :mod:`helpers.pipeline` into ``<profile>-<run_id>-short`` - a folder of its own, so a later run of notebooks
+    04-05 is never mixed with it - and that folder is returned; without it, a ``FileNotFoundError`` says what to run.
+    """
+    from helpers.merging import MERGED_DIRNAME
+    from helpers.paths import run_dir
+    from helpers.pipeline import merge_run, train_dpo
+
+    folder = run_dir(profile.name, run_id)
+    if (folder / MERGED_DIRNAME / "config.json").exists():
+        return folder
+    if not build_if_missing:
+        raise FileNotFoundError(
+            f"{folder / MERGED_DIRNAME} does not exist: run notebook 04 (training) and 05 (merging) with "
+            f"RUN_ID={run_id!r} first, or set BUILD_IF_MISSING = True to train a short run here"
+        )
+    short = run_dir(profile.name, f"{run_id}-short")
+    if not (short / MERGED_DIRNAME / "config.json").exists():
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # trainer logs
+            train_dpo(profile, short, progress=False, max_steps=steps)
+            merge_run(profile, short, overwrite=True)
+    return short
+
+
+def token_id_table(reference, other, texts: Sequence[str]) -> list[tuple[str, int, bool]]:
+    """Rows ``(text, number of tokens, same ids?)``: each text tokenised by both tokenizers, without extras."""
+    rows = []
+    for text in texts:
+        a = reference(text, add_special_tokens=False)["input_ids"]
+        b = other(text, add_special_tokens=False)["input_ids"]
+        rows.append((text, len(a), a == b))
+    return rows
+
+
+@torch.no_grad()
+def prompt_logits(model, tokenizer, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """The logits ([tokens, vocab], float32) of each prompt on its own, without padding (tokenised without extras)."""
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out.append(model(input_ids=ids).logits[0].float())
+    return out
+
+
+def max_logit_difference(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> float:
+    """The largest absolute difference between two lists of logits (0.0 means bit-identical)."""
+    return max((a - b).abs().max().item() for a, b in zip(reference, other))
+
+
+def folder_size(folder: str | Path, pattern: str = "*.safetensors") -> int:
+    """Bytes of the files matching ``pattern`` in ``folder`` (the weights of a saved model)."""
+    return sum(p.stat().st_size for p in Path(folder).glob(pattern))
+
+
+def plot_file_sizes(sizes: dict[str, int], path: str | Path | None = None):
+    """A bar chart of file sizes in MB (e.g. safetensors folder vs each GGUF type), saved as PNG when ``path``."""
+    from matplotlib.figure import Figure
+
+    from helpers.plots import save_figure
+
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
+    names, megabytes = list(sizes), [v / 1e6 for v in sizes.values()]
+    bars = ax.bar(names, megabytes, color=["#8c8c8c"] + ["#4c72b0"] * (len(names) - 1))
+    for bar, value in zip(bars, megabytes):
+        ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("MB")
+    ax.set_title("Model files: safetensors folder vs GGUF")
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return fig

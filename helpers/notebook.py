@@ -1,0 +1,58 @@
+"""The first cells every notebook runs: choose the profile, seed everything, quiet the logs, say what runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import warnings
+
+from helpers.profiles import Profile, describe_profile, get_profile
+
+SEED = 42
+
+
+def quiet_libraries() -> None:
+    """Keep notebook outputs short: library warnings and info logs off, errors still shown."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: text bars
+    for name in ("transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every from_pretrained
+    import datasets
+
+    datasets.disable_progress_bars()  # map/filter bars: one per call would flood the outputs
+
+
+def start(profile_name: str | None = None, seed: int = SEED) -> Profile:
+    """Resolve and return the profile, seed python/numpy/torch, and print which profile runs and why."""
+    quiet_libraries()  # first: importing transformers pulls in bitsandbytes, which logs on import
+    import torch
+    from transformers import set_seed
+
+    profile = get_profile(profile_name)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    set_seed(seed)
+    print(describe_profile(profile.name))
+    return profile
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries the course depends on, for the version cell of each notebook."""
+    import importlib.metadata as md
+
+    names = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -1,0 +1,73 @@
+"""Notebook maintenance: execute a notebook in place (tiny profile, offline) and strip noisy metadata.
+
+    python scripts/nbtools.py execute notebooks/01_chatml_formatting.ipynb [...]
+    python scripts/nbtools.py strip notebooks/*.ipynb
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+OFFLINE_ENV = {
+    "COURSE_PROFILE": "tiny",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+}
+
+
+def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop execution timings and widget state; keep outputs, tags and a stable kernelspec."""
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        **({"colab": nb.metadata["colab"]} if "colab" in nb.metadata else {}),
+    }
+    for index, cell in enumerate(nb.cells):
+        keep = {k: v for k, v in cell.metadata.items() if k in {"tags"}}
+        cell.metadata = keep
+        cell.id = f"cell-{index:02d}"
+        if cell.cell_type == "code":
+            for output in cell.outputs:
+                output.pop("metadata", None) if output.get("output_type") == "stream" else None
+    return nb
+
+
+def execute(path: Path, timeout: int = 1200) -> float:
+    """Run the notebook top to bottom in its own folder and write it back with outputs; returns seconds."""
+    from nbclient import NotebookClient
+
+    os.environ.update(OFFLINE_ENV)
+    nb = nbformat.read(path, as_version=4)
+    started = time.perf_counter()
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
+    seconds = time.perf_counter() - started
+    nbformat.write(strip(nb), path)
+    return seconds
+
+
+def main(argv: list[str]) -> int:
+    """Command line entry point."""
+    if len(argv) < 2 or argv[0] not in {"execute", "strip"}:
+        print(__doc__)
+        return 2
+    for name in argv[1:]:
+        path = Path(name)
+        if argv[0] == "execute":
+            print(f"{path.name}: {execute(path):.1f} s")
+        else:
+            nbformat.write(strip(nbformat.read(path, as_version=4)), path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
