@@ -198,9 +198,11 @@ def sigmoid_trainer(profile, model, tokenizer, train_dataset, output_dir: str | 
 def preference_batch(trainer, indices: Sequence[int]) -> dict[str, torch.Tensor]:
     """Rows of the trainer's tokenised train set collated by TRL's own ``DataCollatorForPreference``.
 
-    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: [2B, T], the B chosen sequences first.
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: [2B, T], the B chosen sequences first, on the
+    trainer's device.
     """
-    return trainer.data_collator([trainer.train_dataset[i] for i in indices])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in indices])
+    return {name: tensor.to(trainer.accelerator.device) for name, tensor in batch.items()}
 
 
 @torch.no_grad()
@@ -266,15 +268,16 @@ def plot_gradient_weight(reward_margins: Sequence[float], beta: float, path: str
     grid = torch.linspace(-span, span, 241)
     fig = Figure(figsize=(7, 3.4))
     ax = fig.subplots()
-    ax.plot(grid, gradient_weight(grid), color="#4c72b0", label=r"weight $\sigma(-(r_c - r_r))$")
-    ax.plot(grid, -F.logsigmoid(grid), color="#8c8c8c", linestyle=":", label=r"loss $-\log\sigma(r_c - r_r)$")
+    ax.plot(grid, gradient_weight(grid), color="#4c72b0", label=r"weight $\sigma(r_r - r_c)$")
     ax.scatter(margins, gradient_weight(margins), color="#c44e52", zorder=3, label=f"this batch ({len(margins)} pairs)")
     ax.axvline(0.0, color="black", linewidth=0.5)
-    ax.set_ylim(0, 1.6)
+    ax.text(-span * 0.95, 0.82, "ranked wrong:\nfull push", fontsize=8, color="#555555")
+    ax.text(span * 0.95, 0.1, "ranked right:\nlittle push", fontsize=8, color="#555555", ha="right")
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel(r"implicit reward margin $r_c - r_r = \beta\,\Delta$")
     ax.set_ylabel(r"$|\partial L / \partial \Delta| \;/\; \beta$")
-    ax.set_title(f"DPO pushes hardest on pairs it ranks wrong (beta = {beta})")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"DPO's gradient weight per pair (beta = {beta})")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     return fig

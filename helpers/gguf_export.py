@@ -389,6 +389,25 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def load_reference(merged_dir: str | Path):
+    """The merged model (fp32, CPU, eval mode) and its tokenizer from safetensors: what every GGUF is compared with.
+
+    Always fp32 on the CPU, whatever the machine, so that an f32 GGUF can be checked for bit-identical logits.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights": one line per load in a notebook
+    try:
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(merged_dir)
+
+
 @torch.no_grad()
 def rounded_copy(model, dtype: str):
     """A copy of ``model`` whose weights are rounded exactly as a GGUF file of type ``dtype`` stores them.

@@ -62,11 +62,7 @@ def merged_dir(tmp_path_factory, tiny_model_path):
 
 @pytest.fixture(scope="module")
 def merged(merged_dir):
-    from helpers.merging import load_merged
-
-    model, tokenizer = load_merged(merged_dir)
-    model.eval()
-    return model, tokenizer
+    return gx.load_reference(merged_dir)
 
 
 @pytest.fixture(scope="module")
