@@ -2,13 +2,16 @@
 
 Both use the orca schema - ``system``, ``question``, ``chosen``, ``rejected`` - and every row is
 checked before training sees it, so a broken row is reported by file, row and field instead of
-surfacing later as a confusing tokenizer or trainer error.
+surfacing later as a confusing tokenizer or trainer error. Columns named differently (``prompt`` for
+``question``, ...) are reported with the names found and a ``column_map`` that renames them; pairs whose
+chosen answer is the rejected one are dropped with a :class:`DataWarning` that counts them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +27,116 @@ REQUIRED_FIELDS = ("system", "question", "chosen", "rejected")
 COLUMNS = (*REQUIRED_FIELDS, "kind")  # kind: which preference a local pair teaches (the data set's id on the hub)
 LOCAL_SPLITS = ("train", "heldout")
 MAX_LISTED_ERRORS = 10
+# Names other preference data sets (and older revisions of the orca set) give the orca columns.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "system": ("system_prompt", "system_message"),
+    "question": ("prompt", "input", "instruction", "query"),
+    "chosen": ("output", "response", "chosen_response", "answer"),
+    "rejected": ("rejected_response", "rejected_output"),
+}
 
 
 class DataValidationError(ValueError):
     """Preference data that does not fit the orca schema; the message lists where and what."""
+
+
+class DataWarning(Warning):
+    """Rows dropped from the preference data on purpose (e.g. chosen identical to rejected); says how many.
+
+    Not a ``UserWarning``: notebooks silence library UserWarnings (helpers.notebook), this one must show.
+    """
+
+
+def suggest_column_map(found: Iterable[str]) -> dict[str, str]:
+    """A ``column_map`` (found name -> orca name) for columns that look like a missing orca field by another name."""
+    found = list(found)
+    suggestion: dict[str, str] = {}
+    for field, aliases in COLUMN_ALIASES.items():
+        if field in found:
+            continue
+        alias = next((a for a in aliases if a in found and a not in suggestion), None)
+        if alias is not None:
+            suggestion[alias] = field
+    return suggestion
+
+
+def _column_help(source: str, found: list[str]) -> str:
+    """Which columns were found, which are expected, and how to map them."""
+    suggestion = suggest_column_map(found)
+    how = (
+        f"if they are the same data under other names, map them: column_map={suggestion!r}"
+        if suggestion
+        else "map differently named columns with column_map={'their name': 'question', ...}"
+    )
+    return (
+        f"columns found in {source}: {', '.join(found) or '(none)'}; expected: {', '.join(REQUIRED_FIELDS)}; {how} "
+        "(load_preference_data(profile, column_map=...) or helpers.data.rename_columns)"
+    )
+
+
+def rename_columns(data: Any, mapping: Mapping[str, str] | None, source: str = "the data") -> Any:
+    """Rename columns ``{found name: orca name}``, e.g. ``{"prompt": "question", "response": "chosen"}``.
+
+    ``data`` is a ``datasets.Dataset`` (renamed with ``Dataset.rename_columns``) or a list of row dicts
+    (each row's keys renamed). A name that is not in the data, or a rename onto a column that already
+    exists, raises :class:`DataValidationError` listing the columns found.
+    """
+    mapping = dict(mapping or {})
+    if not mapping:
+        return data
+    is_dataset = hasattr(data, "column_names")
+    rows = None if is_dataset else list(data)
+    if is_dataset:
+        found = list(data.column_names)
+    else:
+        found = list(dict.fromkeys(key for row in rows if isinstance(row, Mapping) for key in row))
+    unknown = [old for old in mapping if old not in found]
+    if unknown:
+        raise DataValidationError(
+            f"column_map renames {', '.join(map(repr, unknown))}, which {source} does not have; "
+            f"columns found: {', '.join(found) or '(none)'}"
+        )
+    targets = list(mapping.values())
+    clashes = sorted({new for new in targets if targets.count(new) > 1 or (new in found and new not in mapping)})
+    if clashes:
+        raise DataValidationError(
+            f"column_map would make two columns called {', '.join(map(repr, clashes))} in {source}; "
+            f"columns found: {', '.join(found)}. Drop or rename the existing column first."
+        )
+    if is_dataset:
+        return data.rename_columns(mapping)
+    return [{mapping.get(k, k): v for k, v in row.items()} if isinstance(row, Mapping) else row for row in rows]
+
+
+def drop_identical_pairs(
+    rows: Iterable[Mapping[str, Any]], source: str, numbers: Iterable[int] | None = None, *, warn: bool = True
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Drop pairs whose chosen answer is the rejected one (ignoring surrounding whitespace).
+
+    DPO learns from the difference between the two answers; an identical pair has none (its DPO loss is
+    ln 2 whatever the model does) and it would count as a miss in held-out preference accuracy. Returns
+    ``(kept rows, dropped row numbers)``; ``numbers`` are the rows' numbers in ``source`` (default 1, 2, ...).
+    With ``warn``, a :class:`DataWarning` says how many were dropped from ``source`` and which rows.
+    """
+    rows = [dict(row) for row in rows]
+    numbers = list(numbers) if numbers is not None else list(range(1, len(rows) + 1))
+    kept, dropped = [], []
+    for number, row in zip(numbers, rows):
+        if str(row["chosen"]).strip() == str(row["rejected"]).strip():
+            dropped.append(number)
+        else:
+            kept.append(row)
+    if dropped and warn:
+        listed = ", ".join(map(str, dropped[:MAX_LISTED_ERRORS]))
+        listed += ", ..." if len(dropped) > MAX_LISTED_ERRORS else ""
+        warnings.warn(
+            DataWarning(
+                f"{source}: dropped {len(dropped)} of {len(rows)} pair(s) whose chosen answer is identical to the "
+                f"rejected one (row(s) {listed}): DPO cannot learn a preference from them"
+            ),
+            stacklevel=2,
+        )
+    return kept, dropped
 
 
 def _row_problems(row: Any, where: str) -> list[str]:
@@ -47,12 +156,13 @@ def _row_problems(row: Any, where: str) -> list[str]:
     return problems
 
 
-def _raise_if_any(problems: list[str], source: str) -> None:
+def _raise_if_any(problems: list[str], source: str, hint: str = "") -> None:
     if not problems:
         return
     shown = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_ERRORS])
     more = f"\n  ... and {len(problems) - MAX_LISTED_ERRORS} more" if len(problems) > MAX_LISTED_ERRORS else ""
-    raise DataValidationError(f"{len(problems)} problem(s) in {source}:\n{shown}{more}")
+    hint = f"\n{hint}" if hint else ""
+    raise DataValidationError(f"{len(problems)} problem(s) in {source}:\n{shown}{more}{hint}")
 
 
 def validate_rows(rows: Iterable[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -66,14 +176,23 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], source: str) -> list[dict[s
 
 
 def _validate_numbered(numbered: Iterable[tuple[int, Any]], source: str) -> list[dict[str, Any]]:
-    checked: list[dict[str, Any]] = []
+    return [row for _, row in _check_numbered(numbered, source)]
+
+
+def _check_numbered(numbered: Iterable[tuple[int, Any]], source: str) -> list[tuple[int, dict[str, Any]]]:
+    """The valid rows with their numbers; all problems raised together (with the columns found when one is missing)."""
+    checked: list[tuple[int, dict[str, Any]]] = []
     problems: list[str] = []
+    seen: dict[str, None] = {}
     for number, row in numbered:
         found = _row_problems(row, f"{source} row {number}")
         problems += found
+        if isinstance(row, Mapping):
+            seen.update(dict.fromkeys(row))
         if not found:
-            checked.append(dict(row))
-    _raise_if_any(problems, source)
+            checked.append((number, dict(row)))
+    missing = any(p.endswith("is missing") for p in problems)
+    _raise_if_any(problems, source, _column_help(source, list(seen)) if missing else "")
     return checked
 
 
@@ -85,11 +204,14 @@ def _to_dataset(rows: list[dict[str, Any]], default_kind: str) -> datasets.Datas
     return Dataset.from_dict(columns)
 
 
-def load_local_split(split: str, data_dir: Path = DATA_DIR) -> datasets.Dataset:
+def load_local_split(
+    split: str, data_dir: Path = DATA_DIR, *, column_map: Mapping[str, str] | None = None
+) -> datasets.Dataset:
     """One of the shipped splits, ``data/train.jsonl`` or ``data/heldout.jsonl``, checked row by row.
 
-    Rows are numbered by their line in the file; blank lines are skipped. Returns a ``datasets.Dataset``
-    with the columns system, question, chosen, rejected and kind.
+    Rows are numbered by their line in the file; blank lines are skipped. ``column_map`` renames fields
+    first (``{"prompt": "question"}``). Pairs with chosen == rejected are dropped with a :class:`DataWarning`.
+    Returns a ``datasets.Dataset`` with the columns system, question, chosen, rejected and kind.
     """
     if split not in LOCAL_SPLITS:
         raise ValueError(f"unknown split {split!r}; the local data has {', '.join(LOCAL_SPLITS)}")
@@ -107,7 +229,11 @@ def load_local_split(split: str, data_dir: Path = DATA_DIR) -> datasets.Dataset:
         except json.JSONDecodeError as exc:
             bad_json.append(f"{source} line {number} (row {number}): not valid JSON ({exc.msg})")
     _raise_if_any(bad_json, source)
-    rows = _validate_numbered(numbered, source)
+    if column_map:
+        renamed = rename_columns([row for _, row in numbered], column_map, source)
+        numbered = [(number, row) for (number, _), row in zip(numbered, renamed)]
+    checked = _check_numbered(numbered, source)
+    rows, _ = drop_identical_pairs([row for _, row in checked], source, [number for number, _ in checked])
     return _to_dataset(rows, default_kind="")
 
 
@@ -115,7 +241,7 @@ def _select(dataset: datasets.Dataset, start: int, stop: int) -> datasets.Datase
     return dataset.select(range(start, min(stop, len(dataset))))
 
 
-def _load_hub(profile: Profile) -> datasets.DatasetDict:
+def _load_hub(profile: Profile, column_map: Mapping[str, str] | None = None) -> datasets.DatasetDict:
     import datasets
 
     name = profile.data.dataset
@@ -128,10 +254,14 @@ def _load_hub(profile: Profile) -> datasets.DatasetDict:
             "(set COURSE_PROFILE=tiny), which trains on the pairs shipped in data/."
         ) from exc
     source = f"{name} (train split)"
+    raw = rename_columns(raw, column_map, source)
     missing = [c for c in REQUIRED_FIELDS if c not in raw.column_names]
     if missing:
-        raise DataValidationError(f"{source} has no column(s) {', '.join(missing)}; found {raw.column_names}")
+        raise DataValidationError(
+            f"{source} has no column(s) {', '.join(missing)}: {_column_help(source, list(raw.column_names))}"
+        )
     rows = validate_rows(raw.select_columns(list(REQUIRED_FIELDS)).to_list(), source)
+    rows, _ = drop_identical_pairs(rows, source)
     shuffled = _to_dataset(rows, default_kind=name).shuffle(seed=profile.data.shuffle_seed).flatten_indices()
     held = profile.data.heldout_pairs
     if held >= len(shuffled):
@@ -140,24 +270,28 @@ def _load_hub(profile: Profile) -> datasets.DatasetDict:
     return datasets.DatasetDict(train=_select(shuffled, held, train_end), heldout=_select(shuffled, 0, held))
 
 
-def load_preference_data(profile: Profile) -> datasets.DatasetDict:
+def load_preference_data(
+    profile: Profile, *, column_map: Mapping[str, str] | None = None
+) -> datasets.DatasetDict:
     """The profile's preference pairs as a ``DatasetDict`` with ``train`` and ``heldout``.
 
     ``local``: the shipped splits, train capped at ``max_train_pairs``. ``hub``: the data set's train
     split, validated, shuffled with ``shuffle_seed``; the first ``heldout_pairs`` rows are held out and
     the rest (capped at ``max_train_pairs``) train. A hub that cannot be reached raises RuntimeError.
+    ``column_map`` renames columns named differently, e.g. ``{"prompt": "question", "response": "chosen"}``.
+    Pairs whose chosen answer is the rejected one are dropped, with a :class:`DataWarning` counting them.
     """
     import datasets
 
     if profile.data.source == "hub":
-        return _load_hub(profile)
+        return _load_hub(profile, column_map)
     if profile.data.source != "local":
         raise ValueError(f"unknown data source {profile.data.source!r}; use 'hub' or 'local'")
     data_dir = REPO_ROOT / profile.data.dataset  # "data" for the tiny profile
-    train = load_local_split("train", data_dir)
+    train = load_local_split("train", data_dir, column_map=column_map)
     if profile.data.max_train_pairs is not None:
         train = _select(train, 0, profile.data.max_train_pairs)
-    return datasets.DatasetDict(train=train, heldout=load_local_split("heldout", data_dir))
+    return datasets.DatasetDict(train=train, heldout=load_local_split("heldout", data_dir, column_map=column_map))
 
 
 def verify_checksums(data_dir: Path = DATA_DIR) -> dict[str, bool]:
