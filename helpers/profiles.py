@@ -213,6 +213,10 @@ TINY = Profile(
     differences={
         "model.name": "a tiny Mistral-architecture chat model built offline (helpers.tiny_model), same module names",
         "data.source": "the project's own preference pairs in data/ (orca schema), nothing downloaded",
+        "data.dataset": "the local folder data/ instead of the hub data set",
+        "data.formatted_twin": "none: the local pairs are formatted by helpers.chatml, there is no pre-formatted twin",
+        "data.heldout_pairs": "0 split off: data/heldout.jsonl is a held-out split with questions never seen in train",
+        "quantization.compute_dtype": "float32: CPU arithmetic, bit-for-bit reproducible",
         "quantization.load_in_4bit": "off for training: 4-bit on CPU is slow; notebook 02 shows it in 4-bit",
         "training.gradient_checkpointing": "off: tiny activations are a few MB; recomputing them only costs time",
         "training.learning_rate": "2e-3 instead of 5e-5: a tiny randomly-initialised model needs far larger steps",
@@ -222,6 +226,7 @@ TINY = Profile(
         "training.logging_steps": "5: enough points for the curves without a long log",
         "dpo.max_prompt_length": "192: the tiny data's prompts are short",
         "dpo.max_length": "256: the tiny data's pairs are short",
+        "dpo.loss_weights": "1.0 for each of the two losses (the recipe has one loss, no weights)",
         "dpo.loss_type": "sigmoid DPO plus a supervised term on the chosen answer (RPO-style): plain DPO "
         "collapses the tiny model's text (see notebook 06)",
     },

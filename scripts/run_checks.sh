@@ -53,8 +53,9 @@ for dir in notebooks solutions; do
     continue
   fi
   step "notebooks: pytest --nbval-lax $dir/ (COURSE_PROFILE=tiny, offline)"
+  # one limit per cell, 20 min, for both nbval and pytest-timeout (whose 900 s default is for tests/)
   check "nbval $dir/" "$PY" -m pytest -p no:cacheprovider -q --nbval-lax --nbval-current-env \
-    --nbval-cell-timeout=1200 "$dir"
+    --nbval-cell-timeout=1200 --timeout=1200 "$dir"
 done
 
 echo

@@ -63,15 +63,7 @@ def test_full_profile_lora_targets_are_the_seven_mistral_projections() -> None:
     assert len(targets) == len(RECIPE_TARGETS)
 
 
-# TEMPORARY, for the lead: profiles.py's TINY.differences lacks data.dataset, data.formatted_twin,
-# data.heldout_pairs, quantization.compute_dtype and dpo.loss_weights. strict=True: once they are added this
-# xfail turns into a failure (XPASS) - then delete the marker.
-TINY_DIFFERENCES_INCOMPLETE = pytest.mark.xfail(
-    strict=True, reason="TINY.differences misses 5 settings (see comment above); delete this marker when fixed"
-)
-
-
-@pytest.mark.parametrize("name", ["t4", pytest.param("tiny", marks=TINY_DIFFERENCES_INCOMPLETE)])
+@pytest.mark.parametrize("name", ["t4", "tiny"])
 def test_every_difference_from_full_is_documented(name: str) -> None:
     full = _leaves(PROFILES["full"].to_dict())
     other = _leaves(PROFILES[name].to_dict())
