@@ -1,4 +1,5 @@
-"""Command line: ``python -m helpers profile NAME`` and ``python -m helpers build-tiny [--force] [--quiet]``.
+"""Command line: ``python -m helpers profile NAME``, ``python -m helpers build-tiny [--force] [--quiet]``
+and ``python -m helpers run --profile NAME [...]`` (train, merge, evaluate headless).
 
 Each subcommand is a ``_cmd_*`` function registered in ``_build_parser``; add one the same way.
 """
@@ -31,6 +32,43 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Train, merge and evaluate one run headless (helpers.pipeline.run_all), as notebooks 04-06 do step by step."""
+    import os
+
+    from helpers.notebook import quiet_libraries
+    from helpers.paths import run_dir
+    from helpers.profiles import get_profile
+
+    try:
+        profile = get_profile(args.profile)
+        run_dir(profile.name, args.run_id)  # refuses a run id with slashes or spaces before anything runs
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    evaluate = not (args.no_eval or args.no_merge)
+    if args.no_merge and not args.no_eval:
+        print("note: --no-merge skips the evaluation too (it reads the merged model)", file=sys.stderr)
+    quiet_libraries()
+    import torch
+
+    workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if workers > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # processes must not fight for cores
+    from helpers.pipeline import run_all
+
+    run_all(
+        profile,
+        run_id=args.run_id,
+        max_steps=args.max_steps,
+        output_dir=args.output_dir,
+        lm_eval_limit=args.lm_eval_limit,
+        merge=not args.no_merge,
+        evaluate=evaluate,
+    )
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -43,6 +81,16 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even when the cache has it")
     build.add_argument("--quiet", action="store_true", help="no progress bars (for logs)")
     build.set_defaults(handler=_cmd_build_tiny)
+
+    run = commands.add_parser("run", help="train, merge and evaluate a run headless (what notebooks 04-06 do)")
+    run.add_argument("--profile", help="tiny, t4 or full (default: $COURSE_PROFILE, else chosen by the hardware)")
+    run.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: the profile's)")
+    run.add_argument("--output-dir", metavar="DIR", help="where runs/ and eval_results.json go (default: outputs/)")
+    run.add_argument("--run-id", default="main", metavar="ID", help="names the run folder <profile>-<ID> (main)")
+    run.add_argument("--lm-eval-limit", type=int, metavar="N", help="examples per lm-eval task (default: all)")
+    run.add_argument("--no-eval", action="store_true", help="stop after merging")
+    run.add_argument("--no-merge", action="store_true", help="stop after training (implies --no-eval)")
+    run.set_defaults(handler=_cmd_run)
     return parser
 
 

@@ -7,6 +7,7 @@ transformers 5 removed ``from_pretrained(..., load_in_4bit=True)``, which the se
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,17 +26,34 @@ def model_source(profile: Profile) -> str:
     return profile.model.name
 
 
-def bnb_config(profile: Profile):
-    """The 4-bit NF4 quantisation config of the recipe (double quantisation, compute dtype by hardware)."""
+def bnb_config(profile: Profile, *, quant_storage: torch.dtype | None = None):
+    """The 4-bit NF4 quantisation config of the recipe (double quantisation, compute dtype by hardware).
+
+    ``quant_storage``: the dtype the packed 4-bit values are stored in; None keeps bitsandbytes' uint8.
+    FSDP-QLoRA needs it equal to the compute dtype (and to the model's dtype): FSDP shards only floating-point
+    tensors, and only tensors of one dtype together (see :func:`load_model` and docs/scale_out.md).
+    """
     from transformers import BitsAndBytesConfig
 
     q = profile.quantization
+    extra = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(q.compute_dtype),
+        **extra,
     )
+
+
+def fsdp_enabled() -> bool:
+    """True inside ``accelerate launch`` with an FSDP config (accelerate sets $ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in {"1", "true", "yes"}
+
+
+def local_cuda_device() -> int:
+    """This process's GPU: $LOCAL_RANK in a multi-process launch (torchrun, accelerate launch), else the current one."""
+    return int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
 
 
 def check_tokenizer(tokenizer, source: str = "tokenizer") -> None:
@@ -102,12 +120,14 @@ def load_model(
     four_bit = profile.quantization.load_in_4bit if four_bit is None else four_bit
     kwargs: dict = {"use_safetensors": True, "trust_remote_code": False}
     if four_bit:
-        kwargs["quantization_config"] = bnb_config(profile)
+        # under FSDP the packed 4-bit weights are stored in the compute dtype, the dtype of the whole model
+        storage = compute_dtype(profile.quantization.compute_dtype) if fsdp_enabled() else None
+        kwargs["quantization_config"] = bnb_config(profile, quant_storage=storage)
         kwargs["dtype"] = compute_dtype(profile.quantization.compute_dtype)
     else:
         kwargs["dtype"] = dtype or (torch.float32 if not torch.cuda.is_available() else compute_dtype("auto"))
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": local_cuda_device()}  # each process of a multi-GPU launch on its own GPU
     with _loading_bars(not is_local_model(source) if progress is None else progress):
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 

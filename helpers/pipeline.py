@@ -14,6 +14,7 @@ Every step reads and writes fixed paths in the run folder ``outputs/runs/<profil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ def train_dpo(
     from helpers.loading import load_model, load_tokenizer, model_source
     from helpers.training import (
         compact_progress,
+        latest_complete_checkpoint,
         log_history_table,
         make_trainer,
         save_adapter,
@@ -88,6 +90,17 @@ def train_dpo(
 
     run_folder = Path(run_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
+    if resume is True:
+        found = latest_complete_checkpoint(run_folder / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(
+                f"resume=True but {run_folder / 'checkpoints'} holds no complete checkpoint; the run never reached "
+                "its first save - start it again with resume=False"
+            )
+        resume = str(found)
+    # the profile saved next to the weights must be the one that ran: fold training overrides into it
+    training_fields = {f.name for f in dataclasses.fields(profile.training)}
+    profile = profile.replace("training", **{k: v for k, v in overrides.items() if k in training_fields})
     set_seed(profile.training.seed)
     source = model_source(profile)
     tokenizer = load_tokenizer(profile, source)
@@ -102,7 +115,11 @@ def train_dpo(
     trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - started
     history = log_history_table(trainer)
-    adapter = save_adapter(trainer, run_folder, profile) if trainer.is_world_process_zero() else run_folder / "adapter"
+    # only the main process writes (under FSDP every process takes part in gathering the adapter)
+    if trainer.is_world_process_zero() or getattr(trainer, "is_fsdp_enabled", False):
+        adapter = save_adapter(trainer, run_folder, profile)
+    else:
+        adapter = run_folder / "adapter"
     if trainer.is_world_process_zero():
         write_history(history, run_folder / "history.json")
     return TrainOutcome(trainer, history, adapter, seconds)
@@ -243,24 +260,82 @@ def evaluate_run(
     return results
 
 
-def run_all(
-    profile: Profile, *, run_id: str = "main", max_steps: int | None = None, output_dir: str | Path | None = None,
-    lm_eval_limit: int | None = None, overwrite: bool = True,
-) -> dict[str, Any]:
-    """Format, train, merge and evaluate in one go; returns the results written to ``eval_results.json``."""
+def _leave_distributed() -> bool:
+    """End a multi-process launch after training; True in the one process that goes on (rank 0).
+
+    Merging and evaluating are single-process work: the other processes stop here, and rank 0 forgets the
+    process group (and the launcher's variables) so that lm-eval's own accelerate set-up does not wait for
+    processes that have gone.
+    """
     import os
 
+    import torch.distributed as dist
+
+    from helpers.training import is_main_process, world_size
+
+    if world_size() <= 1:
+        return True
+    main = is_main_process()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if main:
+        for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK"):
+            os.environ.pop(var, None)
+        try:
+            from accelerate.state import AcceleratorState, PartialState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            PartialState._reset_state()
+        except Exception:  # pragma: no cover - only a safety net around accelerate internals
+            pass
+    return main
+
+
+def run_all(
+    profile: Profile, *, run_id: str = "main", max_steps: int | None = None, output_dir: str | Path | None = None,
+    lm_eval_limit: int | None = None, overwrite: bool = True, merge: bool = True, evaluate: bool = True,
+) -> dict[str, Any]:
+    """Format, train, merge and evaluate in one go; returns the results written to ``eval_results.json``.
+
+    ``merge=False`` stops after training (the adapter is saved); ``evaluate=False`` stops after merging.
+    Evaluation reads the merged model, so it needs ``merge=True``. Under a multi-process launch (torchrun,
+    accelerate launch) every process trains; only the main process merges, evaluates and writes, and the
+    others return an empty dict.
+    """
+    import os
+
+    from helpers.training import is_main_process
+
+    if evaluate and not merge:
+        raise ValueError("evaluation reads the merged model: skipping the merge (merge=False) needs evaluate=False")
     if output_dir is not None:
         os.environ["COURSE_OUTPUT_DIR"] = str(Path(output_dir).resolve())
     folder = run_dir(profile.name, run_id)
     overrides = {"max_steps": max_steps} if max_steps else {}
-    print(f"[1/3] training in {folder}")
+    steps = 1 + merge + evaluate
+    say = print if is_main_process() else (lambda *_args, **_kwargs: None)
+    say(f"[1/{steps}] training in {folder}")
     outcome = train_dpo(profile, folder, **overrides)
+    if not _leave_distributed():
+        return {}
     print(f"      adapter saved to {outcome.adapter_dir} ({outcome.seconds:.0f} s)")
-    print("[2/3] merging")
+    summary: dict[str, Any] = {
+        "profile": profile.name,
+        "run_id": run_id,
+        "run_folder": str(folder),
+        "adapter": str(outcome.adapter_dir),
+        "train_seconds": round(outcome.seconds, 1),
+    }
+    if not merge:
+        return summary
+    print(f"[2/{steps}] merging")
     merged = merge_run(profile, folder, overwrite=overwrite)
     print(f"      merged model in {merged.path} (largest logit difference {merged.max_logit_diff:.1e})")
-    print("[3/3] evaluating")
+    summary["merged"] = str(merged.path)
+    if not evaluate:
+        return summary
+    print(f"[3/{steps}] evaluating")
     results = evaluate_run(profile, folder, run_id=run_id, lm_eval_limit=lm_eval_limit)
     acc = results["heldout_preference_accuracy"]
     print(

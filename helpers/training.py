@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +17,30 @@ from helpers.hardware import cuda_available, training_precision
 from helpers.profiles import Profile
 
 ADAPTER_DIRNAME = "adapter"
+TRACE_ENV_VAR = "COURSE_TRACE_DIR"  # debug: each process writes what it trained on here (see attach_trace)
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process launch (torchrun, accelerate launch); 0 in a plain run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes train together (1 in a plain run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True in a plain run and in rank 0 of a multi-process launch: the one process that writes files."""
+    return process_rank() == 0
 
 
 def optimizer_name(profile: Profile) -> str:
@@ -25,13 +51,12 @@ def optimizer_name(profile: Profile) -> str:
     return optim
 
 
-def dpo_config(profile: Profile, output_dir: str | Path, **overrides: Any):
-    """The profile rendered into a TRL ``DPOConfig``, every setting explicit (TRL's defaults differ from the recipe).
+def dpo_config_kwargs(profile: Profile, output_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments :func:`dpo_config` gives ``DPOConfig``: the profile's settings, adapted to the hardware.
 
-    ``overrides`` replace single fields (e.g. ``max_steps=20``) for short experiments.
+    Separate from :func:`dpo_config` so the recipe's GPU settings (bf16, paged AdamW) can be checked on a
+    machine without a GPU, where ``DPOConfig`` itself refuses bf16.
     """
-    from trl import DPOConfig
-
     t, d = profile.training, profile.dpo
     precision = training_precision(t.precision)
     settings: dict[str, Any] = dict(
@@ -66,9 +91,22 @@ def dpo_config(profile: Profile, output_dir: str | Path, **overrides: Any):
         data_seed=t.seed,
         dataloader_num_workers=0,
         remove_unused_columns=True,
+        # multi-process (DDP) runs: every LoRA weight takes part in every forward, so DDP need not search for
+        # unused ones (the Trainer's default for a PEFT model costs an extra pass over the graph each step)
+        ddp_find_unused_parameters=False,
     )
     settings.update(overrides)
-    return DPOConfig(**settings)
+    return settings
+
+
+def dpo_config(profile: Profile, output_dir: str | Path, **overrides: Any):
+    """The profile rendered into a TRL ``DPOConfig``, every setting explicit (TRL's defaults differ from the recipe).
+
+    ``overrides`` replace single fields (e.g. ``max_steps=20``) for short experiments.
+    """
+    from trl import DPOConfig
+
+    return DPOConfig(**dpo_config_kwargs(profile, output_dir, **overrides))
 
 
 def make_trainer(profile: Profile, model, tokenizer, train_dataset, output_dir: str | Path, **overrides: Any):
@@ -83,7 +121,7 @@ def make_trainer(profile: Profile, model, tokenizer, train_dataset, output_dir: 
 
     columns = [c for c in train_dataset.column_names if c not in {"prompt", "chosen", "rejected"}]
     train_dataset = train_dataset.remove_columns(columns)
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model=model,
         ref_model=None,
         args=dpo_config(profile, output_dir, **overrides),
@@ -91,6 +129,63 @@ def make_trainer(profile: Profile, model, tokenizer, train_dataset, output_dir: 
         processing_class=tokenizer,
         peft_config=lora_config(profile),
     )
+    if os.environ.get(TRACE_ENV_VAR):
+        attach_trace(trainer, os.environ[TRACE_ENV_VAR])
+    return trainer
+
+
+def trainable_checksum(model) -> str:
+    """SHA-256 of the trainable (LoRA) weights, by name: equal checksums mean bit-identical adapters."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def attach_trace(trainer, folder: str | Path) -> None:
+    """Debug hook (switched on by ``$COURSE_TRACE_DIR``): each process records what it trained on.
+
+    At the end of training every process writes ``<folder>/rank<N>.json`` with ``batches`` (for each
+    micro-batch, a short SHA-256 of each pair's chosen + rejected token ids), the losses the trainer logged,
+    and ``lora_sha256``, a checksum of its trainable weights. tests/test_accelerate.py reads these to show that
+    data-parallel processes train on different pairs and still end with identical adapters.
+    """
+    from transformers import TrainerCallback
+
+    folder = Path(folder)
+    batches: list[list[str]] = []
+    original_step = trainer.training_step
+
+    def training_step(model, inputs, *args, **kwargs):
+        ids, mask = inputs["input_ids"].detach().cpu(), inputs["attention_mask"].detach().cpu().bool()
+        half = ids.shape[0] // 2  # TRL stacks the chosen rows, then the rejected rows
+        batches.append(
+            [
+                hashlib.sha256(
+                    ids[i][mask[i]].numpy().tobytes() + b"|" + ids[half + i][mask[half + i]].numpy().tobytes()
+                ).hexdigest()[:16]
+                for i in range(half)
+            ]
+        )
+        return original_step(model, inputs, *args, **kwargs)
+
+    class Trace(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {
+                "rank": args.process_index,
+                "world_size": args.world_size,
+                "batches": batches,
+                "losses": [[e["step"], e["loss"]] for e in state.log_history if "loss" in e and "step" in e],
+                "lora_sha256": trainable_checksum(model),
+                "global_step": state.global_step,
+            }
+            (folder / f"rank{args.process_index}.json").write_text(json.dumps(record))
+
+    trainer.training_step = training_step
+    trainer.add_callback(Trace())
 
 
 def log_history_table(trainer) -> list[dict[str, float]]:
@@ -114,9 +209,27 @@ def saturation_warning(history: list[dict[str, float]], total_steps: int) -> str
     return None
 
 
+def latest_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the last file a checkpoint writes) parses.
+
+    A run killed while writing a checkpoint leaves a half-written folder; resuming from it would fail.
+    """
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()]
+    for path in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def save_atomically(save_fn, target: str | Path, *, overwrite: bool = True) -> Path:
     """Call ``save_fn(tmp_folder)`` then rename the folder to ``target``: a crash leaves the old one intact."""
     target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.exists():  # a crash between the two renames below: the old one comes back
+        old.replace(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already holds a saved model; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +237,6 @@ def save_atomically(save_fn, target: str | Path, *, overwrite: bool = True) -> P
     try:
         save_fn(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             target.replace(old)
             tmp.replace(target)
@@ -137,7 +249,13 @@ def save_atomically(save_fn, target: str | Path, *, overwrite: bool = True) -> P
 
 
 def save_adapter(trainer, run_folder: str | Path, profile: Profile) -> Path:
-    """Save the trained LoRA adapter (safetensors) and the resolved profile to ``<run>/adapter``, atomically."""
+    """Save the trained LoRA adapter (safetensors) and the resolved profile to ``<run>/adapter``, atomically.
+
+    In a plain or data-parallel (DDP) run only the main process calls it. Under FSDP every process must call it:
+    the adapter's shards are gathered from all of them, then the main process alone writes.
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return _save_adapter_fsdp(trainer, Path(run_folder), profile)
 
     def _save(folder: Path) -> None:
         trainer.model.save_pretrained(folder, safe_serialization=True)
@@ -145,6 +263,26 @@ def save_adapter(trainer, run_folder: str | Path, profile: Profile) -> Path:
         (folder / "course_profile.json").write_text(profile.to_json())
 
     return save_atomically(_save, Path(run_folder) / ADAPTER_DIRNAME)
+
+
+def _save_adapter_fsdp(trainer, run_folder: Path, profile: Profile) -> Path:
+    """FSDP: gather the full adapter state on every process (Trainer.save_model), write it from the main one."""
+    staging = run_folder / f".{ADAPTER_DIRNAME}.fsdp-staging"
+    # PEFT's FSDP-QLoRA recipe: a full (unsharded) state dict, so the adapter file is an ordinary one.
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(staging))  # collective: all processes gather, only the main process writes
+    if trainer.is_world_process_zero():
+
+        def _save(folder: Path) -> None:
+            for item in staging.iterdir():
+                shutil.move(str(item), str(folder / item.name))
+            trainer.processing_class.save_pretrained(folder)
+            (folder / "course_profile.json").write_text(profile.to_json())
+
+        save_atomically(_save, run_folder / ADAPTER_DIRNAME)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return run_folder / ADAPTER_DIRNAME
 
 
 def write_history(history: list[dict[str, float]], path: str | Path) -> None:
