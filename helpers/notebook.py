@@ -38,7 +38,9 @@ def start(profile_name: str | None = None, seed: int = SEED) -> Profile:
 
     profile = get_profile(profile_name)
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # One thread: the tiny model's matrices are too small to gain from more, and on a busy machine two
+        # spinning threads per process run several times slower. Fixed, so results are bit-for-bit repeatable.
+        torch.set_num_threads(int(os.environ.get("COURSE_TORCH_THREADS", "1")))
     set_seed(seed)
     print(describe_profile(profile.name))
     return profile

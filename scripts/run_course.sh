@@ -17,7 +17,7 @@ else
   export JUPYTER_PATH="$ROOT/.venv/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"  # the venv's kernel first
 fi
 export COURSE_PROFILE=tiny HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" PYTHONHASHSEED=0
+export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONHASHSEED=0
 
 echo "[course] tiny chat model (cached; a first build trains it for a few minutes)"
 quiet=(); if [[ ! -t 1 ]]; then quiet=(--quiet); fi  # no progress bars in a log
