@@ -27,3 +27,12 @@ def run_dir(profile_name: str, run_id: str = "main") -> Path:
     if not run_id or any(c in run_id for c in "/\\ ") or run_id.startswith("."):
         raise ValueError(f"run_id must be a plain name without spaces or slashes, not {run_id!r}")
     return outputs_dir() / "runs" / f"{profile_name}-{run_id}"
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it (short, and free of this machine's folders)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

@@ -24,6 +24,29 @@ OFFLINE_ENV = {
 }
 
 
+def _collapse_progress(text: str) -> str:
+    """Keep what a terminal would show: for each line, only the text after its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def _tidy_outputs(outputs: list) -> list:
+    """Merge consecutive stream outputs, collapse progress-bar redraws, shorten tracebacks to their last line."""
+    tidy: list = []
+    for output in outputs:
+        kind = output.get("output_type")
+        if kind == "stream" and tidy and tidy[-1].get("output_type") == "stream" and tidy[-1]["name"] == output["name"]:
+            tidy[-1]["text"] += output["text"]
+            continue
+        if kind == "error":
+            output["traceback"] = [f"{output['ename']}: {output['evalue']}"]
+        tidy.append(output)
+    for output in tidy:
+        if output.get("output_type") == "stream":
+            output["text"] = _collapse_progress(output["text"])
+            output.pop("metadata", None)
+    return tidy
+
+
 def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Drop execution timings and widget state; keep outputs, tags and a stable kernelspec."""
     nb.metadata = {
@@ -36,8 +59,7 @@ def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.metadata = keep
         cell.id = f"cell-{index:02d}"
         if cell.cell_type == "code":
-            for output in cell.outputs:
-                output.pop("metadata", None) if output.get("output_type") == "stream" else None
+            cell.outputs = _tidy_outputs(cell.outputs)
     return nb
 
 
