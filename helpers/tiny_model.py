@@ -197,6 +197,10 @@ def _instruction_tune(model, tokenizer, recipe: TinyRecipe, work_dir: Path, prog
     with contextlib.redirect_stdout(io.StringIO()):  # SFTTrainer prints its own banner lines
         dataset = _sft_dataset(tokenizer)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    if not progress:  # with the bar off, the Trainer prints every logged dict instead: keep logs short
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
