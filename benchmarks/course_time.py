@@ -1,0 +1,291 @@
+"""Wall time and peak memory of running every notebook in notebooks/, in the tiny profile, offline.
+
+Each notebook is executed top to bottom with nbclient, in the real notebooks/ folder as its working directory
+(so ``../data`` and the helpers resolve exactly as in the course), and is never written back: the executed
+copy lives only in memory. The run's artefacts (adapter, merged model, plots) go to a temporary
+$COURSE_OUTPUT_DIR, removed at the end, so outputs/ is not touched; notebooks 05-06 read what 04 wrote there,
+as in the course. The tiny model comes from the cache (.cache/, built first if missing, timed separately).
+
+Per notebook: kernel start, "imports/start" (every cell up to and including the ``notebook.start(...)`` cell),
+the work (all later cells), the slowest cells, and the peak memory: the resident memory of the kernel's
+process tree (the kernel and anything it starts), sampled every 0.1 s with psutil, plus the kernel's own exact
+peak (VmHWM). Target on 2 cores: all notebooks together <= 4 minutes.
+
+    .venv/bin/python benchmarks/course_time.py                  # every notebook, in name order
+    .venv/bin/python benchmarks/course_time.py --quick          # 01-03 only (no training)
+    .venv/bin/python benchmarks/course_time.py --max-load 2.5   # refuse to start on a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import _common as C
+
+NAME = "course_time"
+TARGET_SECONDS = 240
+NOTEBOOKS_DIR = C.REPO_ROOT / "notebooks"
+QUICK = ("01_", "02_", "03_")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="notebooks 01-03 only (they train nothing)")
+    parser.add_argument("--only", default=None, help="comma-separated name prefixes, e.g. 04,05")
+    parser.add_argument("--max-load", type=float, default=None, help="refuse to start above this 1-minute load")
+    parser.add_argument("--timeout", type=int, default=1200, help="per-cell timeout, seconds")
+    parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None,
+                        help="OMP_WAIT_POLICY for the kernels (default: unset, as the course runs)")
+    return parser.parse_args(argv)
+
+
+class TreeSampler:
+    """Samples the summed RSS of a process and all its descendants in a background thread."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.pid: int | None = None
+        self.peak_bytes = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            if self.pid is not None:
+                try:
+                    root = psutil.Process(self.pid)
+                    procs = [root, *root.children(recursive=True)]
+                    total = 0
+                    for proc in procs:
+                        try:
+                            total += proc.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    if total > self.peak_bytes:
+                        self.peak_bytes, self.peak_processes = total, len(procs)
+                except psutil.Error:
+                    pass
+            self._stop.wait(self.interval)
+
+
+def vm_hwm_mib(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def kernel_pid(client) -> int | None:
+    km = getattr(client, "km", None)
+    provisioner = getattr(km, "provisioner", None)
+    for holder in (provisioner, getattr(provisioner, "process", None)):
+        pid = getattr(holder, "pid", None)
+        if isinstance(pid, int):
+            return pid
+    return None
+
+
+def run_notebook(path: Path, timeout: int) -> dict:
+    """Execute one notebook in memory (never saved) and time it cell by cell."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    start_index = next((i for i, c in enumerate(code_cells) if "notebook.start(" in c.source), None)
+    cell_seconds: dict[int, float] = {}
+    marks: dict[str, float] = {}
+    sampler = TreeSampler().start()
+    hwm = {"kernel": None}
+
+    def on_cell_execute(cell, cell_index, **kwargs):
+        marks.setdefault("first_cell", time.perf_counter())
+        marks[f"start{cell_index}"] = time.perf_counter()
+        if sampler.pid is None:
+            sampler.pid = kernel_pid(client)
+
+    def on_cell_executed(cell, cell_index, **kwargs):
+        cell_seconds[cell_index] = time.perf_counter() - marks.pop(f"start{cell_index}", time.perf_counter())
+        hwm["kernel"] = vm_hwm_mib(sampler.pid) or hwm["kernel"]
+
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+        on_cell_execute=on_cell_execute, on_cell_executed=on_cell_executed,
+    )
+    t0 = time.perf_counter()
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        error = str(exc).splitlines()[-1] if str(exc) else repr(exc)
+    except Exception as exc:  # a dead kernel, a timeout: report it, keep the other notebooks going
+        error = f"{type(exc).__name__}: {exc}"
+    total = time.perf_counter() - t0
+    sampler.stop()
+
+    index_of = {id(c): i for i, c in enumerate(nb.cells)}
+    code_index = [index_of[id(c)] for c in code_cells]
+    start_cells = code_index[: start_index + 1] if start_index is not None else []
+    imports = sum(cell_seconds.get(i, 0.0) for i in start_cells)
+    work = sum(s for i, s in cell_seconds.items() if i not in start_cells)
+    kernel_start = marks.get("first_cell", t0) - t0
+    slowest = sorted(((s, i) for i, s in cell_seconds.items()), reverse=True)[:3]
+    return {
+        "notebook": path.name,
+        "seconds": total,
+        "kernel_start_seconds": kernel_start,
+        "imports_start_seconds": imports,
+        "work_seconds": work,
+        "other_seconds": total - kernel_start - imports - work,  # shutdown, message round trips
+        "start_cell_found": start_index is not None,
+        "code_cells": len(code_cells),
+        "executed_cells": len(cell_seconds),
+        "slowest_cells": [{"cell": i, "seconds": round(s, 1), "first_line": nb.cells[i].source.splitlines()[0][:80]
+                           if nb.cells[i].source else ""} for s, i in slowest],
+        "peak_tree_rss_mib": sampler.peak_bytes / C.MIB if sampler.peak_bytes else None,
+        "peak_tree_processes": sampler.peak_processes,
+        "kernel_vmhwm_mib": hwm["kernel"],
+        "error": error,
+        "loadavg_end": C.loadavg(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    load_start = C.loadavg()
+    if args.max_load is not None and load_start and load_start[0] > args.max_load:
+        print(f"load average {load_start} is above --max-load {args.max_load}: not starting (timings would be "
+              "inflated by the other work on this machine)")
+        return 3
+    notebooks = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+    prefixes = tuple(args.only.split(",")) if args.only else (QUICK if args.quick else None)
+    if prefixes:
+        notebooks = [p for p in notebooks if p.name.startswith(prefixes)]
+    if not notebooks:
+        print("no notebooks to run")
+        return 2
+
+    out_dir = C.temp_folder("bench-course-outputs-")
+    env = {
+        **C.OFFLINE_ENV,
+        "COURSE_OUTPUT_DIR": str(out_dir),
+        "PYTHONPATH": str(C.REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "JUPYTER_PATH": str(C.REPO_ROOT / ".venv" / "share" / "jupyter"),
+    }
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    os.environ.update(env)
+    os.environ.pop("TQDM_DISABLE", None)  # keep the notebooks' own behaviour
+    import torch
+
+    torch.set_num_threads(2)
+    probe_before = C.speed_probe()
+    started = time.perf_counter()
+    t0 = time.perf_counter()
+    build = subprocess.run([sys.executable, "-m", "helpers", "build-tiny", "--quiet"], cwd=C.REPO_ROOT,
+                           capture_output=True, text=True)
+    tiny_seconds = time.perf_counter() - t0
+    if build.returncode != 0:
+        print(build.stdout + build.stderr)
+        return 1
+    print(f"tiny model ready ({tiny_seconds:.1f} s, cached); outputs in {out_dir}; load average {C.loadavg()}",
+          flush=True)
+    rows = []
+    try:
+        for path in notebooks:
+            print(f"running {path.name} ...", flush=True)
+            row = run_notebook(path, args.timeout)
+            rows.append(row)
+            status = "ok" if not row["error"] else f"FAILED: {row['error']}"
+            print(f"  {row['seconds']:.1f} s (kernel {row['kernel_start_seconds']:.1f}, imports/start "
+                  f"{row['imports_start_seconds']:.1f}, work {row['work_seconds']:.1f}), peak tree RSS "
+                  f"{row['peak_tree_rss_mib'] or 0:.0f} MiB, load {row['loadavg_end']} - {status}", flush=True)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    total = sum(r["seconds"] for r in rows)
+    totals = {
+        "notebook": "TOTAL",
+        "seconds": total,
+        "kernel_start_seconds": sum(r["kernel_start_seconds"] for r in rows),
+        "imports_start_seconds": sum(r["imports_start_seconds"] for r in rows),
+        "work_seconds": sum(r["work_seconds"] for r in rows),
+        "peak_tree_rss_mib": max((r["peak_tree_rss_mib"] or 0) for r in rows),
+        "kernel_vmhwm_mib": max((r["kernel_vmhwm_mib"] or 0) for r in rows),
+    }
+    complete = not prefixes
+    verdict = {
+        "target_seconds": TARGET_SECONDS,
+        "total_seconds": total,
+        "all_notebooks": complete,
+        "met": complete and total <= TARGET_SECONDS and not any(r["error"] for r in rows),
+    }
+    probe_after = C.speed_probe()
+    payload = {
+        "benchmark": NAME,
+        "speed_probe_before": probe_before,
+        "speed_probe_after": probe_after,
+        "command": "python benchmarks/course_time.py" + (" " + " ".join(argv) if argv else ""),
+        "machine": C.machine_info(),
+        "loadavg_start": load_start,
+        "loadavg_end": C.loadavg(),
+        "load_note": C.load_note(load_start),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "tiny_model_seconds": tiny_seconds,
+        "environment": {k: v for k, v in env.items() if k not in {"PATH", "PYTHONPATH", "JUPYTER_PATH"}},
+        "rows": rows,
+        "totals": totals,
+        "verdict": verdict,
+    }
+    path = C.write_result(NAME + (f"_omp_{args.omp_wait_policy.lower()}" if args.omp_wait_policy else ""), payload)
+    print()
+    print(C.format_table([*rows, totals], COLUMNS))
+    print(f"\ntotal {total:.0f} s for {len(rows)} notebooks; target <= {TARGET_SECONDS} s for all of them: "
+          + ("MET" if verdict["met"] else "NOT MET" if complete else "(partial run, not judged)"))
+    print(f"load average: start {load_start}, end {payload['loadavg_end']} ({payload['load_note']}); speed probe "
+          f"{probe_before:.2f} s before, {probe_after:.2f} s after (0.24 s when the machine was calm)")
+    print(f"wrote {path.relative_to(C.REPO_ROOT)}")
+    return 0 if not any(r["error"] for r in rows) else 1
+
+
+COLUMNS = [
+    ("notebook", "notebook"),
+    ("seconds", "total (s)"),
+    ("kernel_start_seconds", "kernel start (s)"),
+    ("imports_start_seconds", "imports/start (s)"),
+    ("work_seconds", "work (s)"),
+    ("peak_tree_rss_mib", "peak RSS, kernel tree (MiB)"),
+    ("kernel_vmhwm_mib", "kernel VmHWM (MiB)"),
+    ("error", "error"),
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
