@@ -19,3 +19,19 @@ def tiny_model_path() -> Path:
     from helpers.tiny_model import build_tiny_model
 
     return build_tiny_model(progress=False)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    """The tiny profile (the one every helper test runs on)."""
+    from helpers.profiles import get_profile
+
+    return get_profile("tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(profile, tiny_model_path):
+    """The tiny model's tokenizer, loaded and checked the way the course loads it."""
+    from helpers.loading import load_tokenizer
+
+    return load_tokenizer(profile, str(tiny_model_path))

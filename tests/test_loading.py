@@ -11,7 +11,6 @@ from helpers.loading import (
     bnb_config,
     check_tokenizer,
     load_model,
-    load_tokenizer,
     max_logit_difference,
     model_source,
     quantized_layer_names,
@@ -19,16 +18,6 @@ from helpers.loading import (
 from helpers.profiles import MISTRAL_LINEAR_MODULES, get_profile
 
 TINY_LAYERS = 4  # helpers.tiny_model.TinyRecipe.num_hidden_layers
-
-
-@pytest.fixture(scope="module")
-def profile():
-    return get_profile("tiny")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(profile, tiny_model_path):
-    return load_tokenizer(profile, str(tiny_model_path))
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,6 @@ from helpers.profiles import MISTRAL_LINEAR_MODULES, get_profile
 TINY_LAYERS = 4
 
 
-@pytest.fixture(scope="module")
-def profile():
-    return get_profile("tiny")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(profile, tiny_model_path):
-    from helpers.loading import load_tokenizer
-
-    return load_tokenizer(profile, str(tiny_model_path))
-
-
 def _fp32_model(profile, tiny_model_path):
     from helpers.loading import load_model
 

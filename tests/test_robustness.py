@@ -38,18 +38,6 @@ GOOD = {"system": "", "question": "Which is bigger: 3 or 7?", "chosen": "7 is la
 HUB = "Intel/orca_dpo_pairs"
 
 
-@pytest.fixture(scope="module")
-def profile():
-    return get_profile("tiny")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(profile, tiny_model_path):
-    from helpers.loading import load_tokenizer
-
-    return load_tokenizer(profile, str(tiny_model_path))
-
-
 def hub_rows(count: int) -> list[dict[str, str]]:
     return [
         {"system": "", "question": f"question {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"}

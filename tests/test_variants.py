@@ -8,15 +8,9 @@ import math
 import pytest
 
 from helpers import variants as V
-from helpers.profiles import get_profile
 
 PAIRS = 8  # training pairs of the smoke runs (one optimizer step takes 16: the loader cycles)
 HELDOUT = 4
-
-
-@pytest.fixture(scope="module")
-def profile():
-    return get_profile("tiny")
 
 
 def test_every_dpo_variant_is_a_loss_trl_knows(profile):
