@@ -52,6 +52,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def run_header(name: str, argv: list[str], load_start: list[float], started: float) -> dict[str, Any]:
+    """The fields every results JSON starts with: which benchmark, the command, the machine, the load, the time."""
+    import time
+
+    return {
+        "benchmark": name,
+        "command": f"python benchmarks/{name}.py" + (" " + " ".join(argv) if argv else ""),
+        "machine": machine_info(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "load_note": load_note(load_start),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages, rounded."""
     try:

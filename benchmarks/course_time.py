@@ -249,15 +249,9 @@ def main(argv: list[str]) -> int:
     }
     probe_after = C.speed_probe()
     payload = {
-        "benchmark": NAME,
+        **C.run_header(NAME, argv, load_start, started),
         "speed_probe_before": probe_before,
         "speed_probe_after": probe_after,
-        "command": "python benchmarks/course_time.py" + (" " + " ".join(argv) if argv else ""),
-        "machine": C.machine_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": C.loadavg(),
-        "load_note": C.load_note(load_start),
-        "wall_seconds": round(time.perf_counter() - started, 1),
         "tiny_model_seconds": tiny_seconds,
         "environment": {k: v for k, v in env.items() if k not in {"PATH", "PYTHONPATH", "JUPYTER_PATH"}},
         "rows": rows,

@@ -153,13 +153,7 @@ def main(argv: list[str]) -> int:
 
     rows = make_rows(results)
     payload = {
-        "benchmark": NAME,
-        "command": "python benchmarks/quantization.py" + (" " + " ".join(argv) if argv else ""),
-        "machine": C.machine_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": C.loadavg(),
-        "load_note": C.load_note(load_start),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **C.run_header(NAME, argv, load_start, started),
         "model": facts,
         "settings": {"seq_len": seq_len, "batch_sequences": batch, "warmup_steps": args.warmup,
                      "timed_steps": steps, "lora_r": 16, "gradient_checkpointing": False,

@@ -81,13 +81,7 @@ def main(argv: list[str]) -> int:
 
     rows, summary = summarise(results)
     payload = {
-        "benchmark": NAME,
-        "command": "python benchmarks/reference_model.py" + (" " + " ".join(argv) if argv else ""),
-        "machine": C.machine_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": C.loadavg(),
-        "load_note": C.load_note(load_start),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **C.run_header(NAME, argv, load_start, started),
         "model": facts,
         "settings": {"seq_len": seq_len, "batch_pairs": args.batch, "warmup_steps": warmup, "repeat": args.repeat,
                      "cpu_nf4_packing": args.allow_cpu_packing,

@@ -98,13 +98,7 @@ def main(argv: list[str]) -> int:
     statements = describe(length_rows, rank_rows, spec)
     png = plot(length_rows, rank_rows)
     payload = {
-        "benchmark": NAME,
-        "command": "python benchmarks/scaling.py" + (" " + " ".join(argv) if argv else ""),
-        "machine": C.machine_info(),
-        "loadavg_start": load_start,
-        "loadavg_end": C.loadavg(),
-        "load_note": C.load_note(load_start),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **C.run_header(NAME, argv, load_start, started),
         "model": facts,
         "settings": {"batch_pairs": args.batch, "warmup_steps": args.warmup, "timed_steps": args.steps,
                      "base_weights": "4-bit NF4 (compute fp32)", "reference": "adapter off (ref_model=None)",
