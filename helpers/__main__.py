@@ -1,20 +1,23 @@
 """Command line: ``python -m helpers profile NAME``, ``python -m helpers build-tiny [--force] [--quiet]``
-and ``python -m helpers run --profile NAME [...]`` (train, merge, evaluate headless).
+and ``python -m helpers run --profile NAME [--standins] [...]`` (train, merge, evaluate headless).
 
-Each subcommand is a ``_cmd_*`` function registered in ``_build_parser``; add one the same way.
+Each subcommand is a ``_cmd_*`` function registered in ``_build_parser``; add one the same way. The heavy libraries
+are imported inside the subcommands, not at the top: ``profile`` answers in a fraction of a second, and the
+offline stand-ins (``--standins``) must point the Hugging Face libraries at their cache before those are imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+from helpers.profiles import get_profile
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     """Print a profile's settings as JSON (no hardware check: ``full`` prints on a CPU machine too)."""
-    from helpers.profiles import get_profile
-
     try:
         profile = get_profile(args.name, check_hardware=False)
     except ValueError as exc:
@@ -34,14 +37,22 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Train, merge and evaluate one run headless (helpers.pipeline.run_all), as notebooks 04-06 do step by step."""
-    import os
+    from helpers import standins
 
+    if args.standins:
+        os.environ[standins.STANDINS_ENV_VAR] = "1"
+    if standins.standins_active():
+        standins.activate_standins()  # before any Hugging Face library is imported
+        print(standins.standin_note(args.profile or os.environ.get("COURSE_PROFILE", "")))
+    from helpers.hardware import training_precision
     from helpers.notebook import quiet_libraries
     from helpers.paths import run_dir
-    from helpers.profiles import get_profile
 
     try:
         profile = get_profile(args.profile)
+        if args.precision:
+            profile = profile.replace("training", precision=args.precision)
+            training_precision(args.precision)  # refuses what this machine cannot run, before anything runs
         run_dir(profile.name, args.run_id)  # refuses a run id with slashes or spaces before anything runs
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -49,6 +60,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     evaluate = not (args.no_eval or args.no_merge)
     if args.no_merge and not args.no_eval:
         print("note: --no-merge skips the evaluation too (it reads the merged model)", file=sys.stderr)
+    for setting, why in profile.differences.items():
+        if setting.startswith("cpu."):
+            print(f"note: {setting[4:]}: {why}")
     quiet_libraries()
     import torch
 
@@ -84,7 +98,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train, merge and evaluate a run headless (what notebooks 04-06 do)")
     run.add_argument("--profile", help="tiny, t4 or full (default: $COURSE_PROFILE, else chosen by the hardware)")
+    run.add_argument("--standins", action="store_true",
+                     help="offline stand-ins of the GPU profiles' model and data (tests; also $COURSE_STANDINS=1)")
     run.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: the profile's)")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"),
+                     help="training precision (default: the profile's; fp16 on an Ampere GPU tests a T4's path)")
     run.add_argument("--output-dir", metavar="DIR", help="where runs/ and eval_results.json go (default: outputs/)")
     run.add_argument("--run-id", default="main", metavar="ID", help="names the run folder <profile>-<ID> (main)")
     run.add_argument("--lm-eval-limit", type=int, metavar="N", help="examples per lm-eval task (default: all)")

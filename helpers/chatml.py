@@ -71,8 +71,8 @@ def _require_chatml_eos(tokenizer) -> None:
 
 
 def prompt_messages(system: str, question: str) -> list[dict[str, str]]:
-    """The chat messages of one prompt: a system turn only when ``system`` is non-empty."""
-    messages = [{"role": "system", "content": system}] if system else []
+    """The chat messages of one prompt: a system turn only when ``system`` is non-empty (whitespace is empty)."""
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
     return messages + [{"role": "user", "content": question}]
 
 

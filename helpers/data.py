@@ -1,10 +1,14 @@
-"""The preference pairs: the project's own files in data/ (tiny profile) or Intel/orca_dpo_pairs (GPU profiles).
+"""The preference pairs (notebooks 01 and 04): loading, validation, and ``prepare_data``, which formats them for DPO.
 
-Both use the orca schema - ``system``, ``question``, ``chosen``, ``rejected`` - and every row is
-checked before training sees it, so a broken row is reported by file, row and field instead of
-surfacing later as a confusing tokenizer or trainer error. Columns named differently (``prompt`` for
-``question``, ...) are reported with the names found and a ``column_map`` that renames them; pairs whose
-chosen answer is the rejected one are dropped with a :class:`DataWarning` that counts them.
+The project's own files in data/ (tiny profile) or Intel/orca_dpo_pairs (GPU profiles) use the orca schema -
+``system``, ``question``, ``chosen``, ``rejected`` - and every row is checked before training sees it, so a broken row
+is reported by file, row and field instead of surfacing later as a confusing tokenizer or trainer error. Columns
+named differently (``prompt`` for ``question``, ...) are reported with the names found and a ``column_map`` that
+renames them. Rows that cannot teach anything are dropped with a :class:`DataWarning` that counts them: pairs whose
+chosen answer is the rejected one, and in hub data exact duplicates (split at random, they could land in both train
+and held-out). A system
+prompt of only whitespace counts as no system prompt. ChatML control strings inside the text are refused in local
+data (naming row and field) and made inert, and counted, in hub data, where one bad row must not stop a long run.
 """
 
 from __future__ import annotations
@@ -13,18 +17,20 @@ import hashlib
 import json
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import datasets
+
+from helpers.chatml import escape_control_strings, filter_by_length, find_control_strings, format_dataset
 from helpers.paths import DATA_DIR, REPO_ROOT
 
-if TYPE_CHECKING:  # datasets is imported only when data is actually loaded
-    import datasets
-
+if TYPE_CHECKING:
+    from helpers.chatml import LengthReport
     from helpers.profiles import Profile
 
 REQUIRED_FIELDS = ("system", "question", "chosen", "rejected")
-COLUMNS = (*REQUIRED_FIELDS, "kind")  # kind: which preference a local pair teaches (the data set's id on the hub)
 LOCAL_SPLITS = ("train", "heldout")
 MAX_LISTED_ERRORS = 10
 # Names other preference data sets (and older revisions of the orca set) give the orca columns.
@@ -108,6 +114,15 @@ def rename_columns(data: Any, mapping: Mapping[str, str] | None, source: str = "
     return [{mapping.get(k, k): v for k, v in row.items()} if isinstance(row, Mapping) else row for row in rows]
 
 
+def _listed(numbers: list[int]) -> str:
+    """``1, 5, 9, ...``: at most MAX_LISTED_ERRORS row numbers."""
+    return ", ".join(map(str, numbers[:MAX_LISTED_ERRORS])) + (", ..." if len(numbers) > MAX_LISTED_ERRORS else "")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(DataWarning(message), stacklevel=3)
+
+
 def drop_identical_pairs(
     rows: Iterable[Mapping[str, Any]], source: str, numbers: Iterable[int] | None = None, *, warn: bool = True
 ) -> tuple[list[dict[str, Any]], list[int]]:
@@ -127,16 +142,78 @@ def drop_identical_pairs(
         else:
             kept.append(row)
     if dropped and warn:
-        listed = ", ".join(map(str, dropped[:MAX_LISTED_ERRORS]))
-        listed += ", ..." if len(dropped) > MAX_LISTED_ERRORS else ""
-        warnings.warn(
-            DataWarning(
-                f"{source}: dropped {len(dropped)} of {len(rows)} pair(s) whose chosen answer is identical to the "
-                f"rejected one (row(s) {listed}): DPO cannot learn a preference from them"
-            ),
-            stacklevel=2,
+        _warn(
+            f"{source}: dropped {len(dropped)} of {len(rows)} pair(s) whose chosen answer is identical to the "
+            f"rejected one (row(s) {_listed(dropped)}): DPO cannot learn a preference from them"
         )
     return kept, dropped
+
+
+def drop_duplicate_pairs(
+    rows: Iterable[Mapping[str, Any]], source: str, numbers: Iterable[int] | None = None, *, warn: bool = True
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Keep the first of rows whose system, question, chosen and rejected are all equal; drop the others.
+
+    A duplicated pair counts twice in training and, split at random, can land in train and held-out at once, where
+    it would measure memory instead of learning. Returns ``(kept rows, dropped row numbers)`` like
+    :func:`drop_identical_pairs`, with a :class:`DataWarning` when ``warn``.
+    """
+    rows = [dict(row) for row in rows]
+    numbers = list(numbers) if numbers is not None else list(range(1, len(rows) + 1))
+    seen: set[tuple[str, ...]] = set()
+    kept, dropped = [], []
+    for number, row in zip(numbers, rows):
+        key = tuple(str(row[name]) for name in REQUIRED_FIELDS)
+        if key in seen:
+            dropped.append(number)
+        else:
+            seen.add(key)
+            kept.append(row)
+    if dropped and warn:
+        _warn(
+            f"{source}: dropped {len(dropped)} of {len(rows)} pair(s) that repeat an earlier row exactly "
+            f"(row(s) {_listed(dropped)})"
+        )
+    return kept, dropped
+
+
+def normalise_system(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a system prompt of only whitespace given an empty one: no system turn is rendered for them.
+
+    The recipe adds a system turn only when the field is non-empty; a field of spaces is empty to a reader, and a
+    turn holding only spaces would teach the model nothing but noise.
+    """
+    return [{**row, "system": row["system"] if row["system"].strip() else ""} for row in rows]
+
+
+def escape_control_rows(
+    rows: Iterable[dict[str, Any]], source: str, numbers: Iterable[int] | None = None, *, warn: bool = True
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Make ChatML control strings inside any field inert (``helpers.chatml.escape_control_strings``), counted.
+
+    For data the learner does not own (the hub): a single row that quotes ``<|im_end|>`` must not stop a run of
+    12,000 pairs. Local data is refused instead, naming the row (``helpers.chatml.format_dataset``). Returns
+    ``(rows, numbers of the rows changed)``, with a :class:`DataWarning` when ``warn``.
+    """
+    rows = [dict(row) for row in rows]
+    numbers = list(numbers) if numbers is not None else list(range(1, len(rows) + 1))
+    changed = []
+    for number, row in zip(numbers, rows):
+        if any(find_control_strings(row[name]) for name in REQUIRED_FIELDS):
+            row.update({name: escape_control_strings(row[name]) for name in REQUIRED_FIELDS})
+            changed.append(number)
+    if changed and warn:
+        _warn(
+            f"{source}: made the ChatML control strings in {len(changed)} of {len(rows)} row(s) inert "
+            f"(row(s) {_listed(changed)}): they would have forged or ended a turn"
+        )
+    return rows, changed
+
+
+def _require_rows(count: int, source: str, why: str = "") -> None:
+    """Refuse a split with no pairs left, saying where and why (an empty file would otherwise train on nothing)."""
+    if count == 0:
+        raise DataValidationError(f"{source} holds no usable preference pairs{why}; check the file")
 
 
 def _row_problems(row: Any, where: str) -> list[str]:
@@ -197,11 +274,30 @@ def _check_numbered(numbered: Iterable[tuple[int, Any]], source: str) -> list[tu
 
 
 def _to_dataset(rows: list[dict[str, Any]], default_kind: str) -> datasets.Dataset:
-    from datasets import Dataset
-
     columns: dict[str, list[str]] = {name: [row[name] for row in rows] for name in REQUIRED_FIELDS}
     columns["kind"] = [str(row.get("kind") or default_kind) for row in rows]
-    return Dataset.from_dict(columns)
+    return datasets.Dataset.from_dict(columns)
+
+
+def _read_jsonl(path: Path, source: str) -> list[tuple[int, Any]]:
+    """The non-blank lines of a JSON-lines file as (line number, parsed value); every bad line reported at once."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark from a Windows editor is not data
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(
+            f"{source} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8 JSON lines"
+        ) from exc
+    numbered: list[tuple[int, Any]] = []
+    bad_json: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            numbered.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            bad_json.append(f"{source} line {number} (row {number}): not valid JSON ({exc.msg})")
+    _raise_if_any(bad_json, source)
+    return numbered
 
 
 def load_local_split(
@@ -210,7 +306,8 @@ def load_local_split(
     """One of the shipped splits, ``data/train.jsonl`` or ``data/heldout.jsonl``, checked row by row.
 
     Rows are numbered by their line in the file; blank lines are skipped. ``column_map`` renames fields
-    first (``{"prompt": "question"}``). Pairs with chosen == rejected are dropped with a :class:`DataWarning`.
+    first (``{"prompt": "question"}``). Pairs with chosen == rejected are dropped with a :class:`DataWarning`; a
+    file left with no pairs is refused (duplicates stay: the local splits are separate files, not split at random).
     Returns a ``datasets.Dataset`` with the columns system, question, chosen, rejected and kind.
     """
     if split not in LOCAL_SPLITS:
@@ -219,21 +316,15 @@ def load_local_split(
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (python scripts/generate_data.py writes it)")
     source = f"{path.parent.name}/{path.name}"
-    numbered: list[tuple[int, Any]] = []
-    bad_json: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            numbered.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            bad_json.append(f"{source} line {number} (row {number}): not valid JSON ({exc.msg})")
-    _raise_if_any(bad_json, source)
+    numbered = _read_jsonl(path, source)
+    _require_rows(len(numbered), source, " (the file is empty)")
     if column_map:
         renamed = rename_columns([row for _, row in numbered], column_map, source)
         numbered = [(number, row) for (number, _), row in zip(numbered, renamed)]
     checked = _check_numbered(numbered, source)
-    rows, _ = drop_identical_pairs([row for _, row in checked], source, [number for number, _ in checked])
+    rows, numbers = normalise_system([row for _, row in checked]), [number for number, _ in checked]
+    rows, _ = drop_identical_pairs(rows, source, numbers)
+    _require_rows(len(rows), source, " after dropping the pairs whose answers are identical")
     return _to_dataset(rows, default_kind="")
 
 
@@ -242,8 +333,6 @@ def _select(dataset: datasets.Dataset, start: int, stop: int) -> datasets.Datase
 
 
 def _load_hub(profile: Profile, column_map: Mapping[str, str] | None = None) -> datasets.DatasetDict:
-    import datasets
-
     name = profile.data.dataset
     try:
         raw = datasets.load_dataset(name, split="train")
@@ -260,12 +349,18 @@ def _load_hub(profile: Profile, column_map: Mapping[str, str] | None = None) -> 
         raise DataValidationError(
             f"{source} has no column(s) {', '.join(missing)}: {_column_help(source, list(raw.column_names))}"
         )
-    rows = validate_rows(raw.select_columns(list(REQUIRED_FIELDS)).to_list(), source)
-    rows, _ = drop_identical_pairs(rows, source)
+    _require_rows(len(raw), source)
+    rows = normalise_system(validate_rows(raw.select_columns(list(REQUIRED_FIELDS)).to_list(), source))
+    numbers = list(range(1, len(rows) + 1))
+    rows, dropped = drop_identical_pairs(rows, source, numbers)
+    numbers = [n for n in numbers if n not in set(dropped)]
+    rows, dropped = drop_duplicate_pairs(rows, source, numbers)
+    numbers = [n for n in numbers if n not in set(dropped)]
+    rows, _ = escape_control_rows(rows, source, numbers)
     shuffled = _to_dataset(rows, default_kind=name).shuffle(seed=profile.data.shuffle_seed).flatten_indices()
     held = profile.data.heldout_pairs
     if held >= len(shuffled):
-        raise ValueError(f"{source} has {len(shuffled)} rows, too few to hold out {held}")
+        raise ValueError(f"{source} has {len(shuffled)} usable rows, too few to hold out {held}")
     train_end = len(shuffled) if profile.data.max_train_pairs is None else held + profile.data.max_train_pairs
     return datasets.DatasetDict(train=_select(shuffled, held, train_end), heldout=_select(shuffled, 0, held))
 
@@ -279,10 +374,8 @@ def load_preference_data(
     split, validated, shuffled with ``shuffle_seed``; the first ``heldout_pairs`` rows are held out and
     the rest (capped at ``max_train_pairs``) train. A hub that cannot be reached raises RuntimeError.
     ``column_map`` renames columns named differently, e.g. ``{"prompt": "question", "response": "chosen"}``.
-    Pairs whose chosen answer is the rejected one are dropped, with a :class:`DataWarning` counting them.
+    Identical pairs (and, on the hub, duplicated ones) are dropped, with a :class:`DataWarning` counting them.
     """
-    import datasets
-
     if profile.data.source == "hub":
         return _load_hub(profile, column_map)
     if profile.data.source != "local":
@@ -292,6 +385,30 @@ def load_preference_data(
     if profile.data.max_train_pairs is not None:
         train = _select(train, 0, profile.data.max_train_pairs)
     return datasets.DatasetDict(train=train, heldout=load_local_split("heldout", data_dir, column_map=column_map))
+
+
+@dataclass
+class PreparedData:
+    """ChatML-formatted train and held-out pairs (over-long pairs dropped) and the raw held-out rows."""
+
+    train: datasets.Dataset
+    heldout: datasets.Dataset
+    heldout_rows: list[dict]
+    length_report: LengthReport
+
+
+def prepare_data(profile: Profile, tokenizer, *, column_map: Mapping[str, str] | None = None) -> PreparedData:
+    """Load the profile's preference data, format it in ChatML, drop pairs over the length limits.
+
+    Every training notebook and the pipeline start here, so they all train on exactly the same pairs. A split
+    left with no pairs after the length limits is refused, naming the limits.
+    """
+    splits = load_preference_data(profile, column_map=column_map)
+    train = format_dataset(splits["train"], tokenizer, split="train")
+    train, report = filter_by_length(train, tokenizer, profile.dpo.max_prompt_length, profile.dpo.max_length)
+    _require_rows(len(train), f"the train split of profile {profile.name!r}", f" within the length limits ({report})")
+    heldout = format_dataset(splits["heldout"], tokenizer, split="heldout")
+    return PreparedData(train, heldout, [dict(r) for r in splits["heldout"]], report)
 
 
 def verify_checksums(data_dir: Path = DATA_DIR) -> dict[str, bool]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import bitsandbytes as bnb
 import torch
+from peft import LoraConfig
 
 from helpers.profiles import Profile
 
 
 def lora_config(profile: Profile):
     """The profile's ``peft.LoraConfig``: r, alpha, dropout, bias, task type and the seven target projections."""
-    from peft import LoraConfig
-
     lora = profile.lora
     return LoraConfig(
         r=lora.r,
@@ -29,8 +29,6 @@ def linear_layer_names(model) -> list[str]:
 
     The output head (``lm_head``) is left out: the recipe adapts the attention and MLP projections only.
     """
-    import bitsandbytes as bnb
-
     linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear_types)}
     names.discard("lm_head")

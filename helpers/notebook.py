@@ -7,7 +7,10 @@ import os
 import platform
 import warnings
 
+from helpers.colab import on_colab
+from helpers.colab import use_drive as drive_outputs
 from helpers.profiles import Profile, describe_profile, get_profile
+from helpers.standins import activate_standins, standin_note, standins_active
 
 SEED = 42
 
@@ -30,8 +33,22 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()  # map/filter bars: one per call would flood the outputs
 
 
-def start(profile_name: str | None = None, seed: int = SEED) -> Profile:
-    """Resolve and return the profile, seed python/numpy/torch, and print which profile runs and why."""
+def start(profile_name: str | None = None, seed: int = SEED, *, use_drive: bool = True) -> Profile:
+    """Resolve and return the profile, seed python/numpy/torch, and print which profile runs and why.
+
+    On Colab with ``use_drive`` (the notebooks' ``USE_DRIVE`` parameter, on by default) Google Drive is mounted and
+    the run folders go there (:func:`helpers.colab.use_drive`), so notebook 05 finds in a new runtime what 04
+    trained in another. Off Colab ``use_drive`` changes nothing.
+
+    With the offline stand-ins switched on (``$COURSE_STANDINS=1``) the first line printed says so, and the lines
+    after the profile say what running on a CPU changes. The Hugging Face libraries are imported only here, after
+    the stand-ins (if any) have pointed them at their cache, and after their logs are quieted.
+    """
+    if standins_active():
+        activate_standins()
+        print(standin_note(profile_name or os.environ.get("COURSE_PROFILE", "")))
+    if use_drive and on_colab():
+        drive_outputs()
     quiet_libraries()  # first: importing transformers pulls in bitsandbytes, which logs on import
     import torch
     from transformers import set_seed
@@ -42,7 +59,10 @@ def start(profile_name: str | None = None, seed: int = SEED) -> Profile:
         # spinning threads per process run several times slower. Fixed, so results are bit-for-bit repeatable.
         torch.set_num_threads(int(os.environ.get("COURSE_TORCH_THREADS", "1")))
     set_seed(seed)
-    print(describe_profile(profile.name))
+    print(describe_profile(profile_name))  # the name as asked: "asked for explicitly" only when it was
+    for setting, why in profile.differences.items():
+        if setting.startswith("cpu."):
+            print(f"  on this CPU, {setting[4:]}: {why}")
     return profile
 
 

@@ -7,6 +7,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
+# The environment of every offline run (CI, the course command, the tests' subprocesses, the benchmarks): no hub,
+# the tiny profile, deterministic hashing, no tokenizer thread pool.
+OFFLINE_ENV = {
+    "COURSE_PROFILE": "tiny",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+}
 
 
 def cache_dir() -> Path:

@@ -56,7 +56,7 @@ def plot_token_lengths(
 
 
 def plot_memory_table(rows, path: str | Path | None = None, title: str = "Mistral-7B: memory") -> Figure:
-    """Horizontal bars of a ``helpers.memory.memory_table`` in GiB; the recipe's parts in one colour."""
+    """Horizontal bars of a ``helpers.loading.memory_table`` in GiB; the recipe's parts in one colour."""
     fig = Figure(figsize=(8, 0.4 * len(rows) + 1))
     ax = fig.subplots()
     labels = [r.item for r in rows][::-1]

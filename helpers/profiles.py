@@ -21,6 +21,8 @@ from typing import Any
 
 PROFILE_ENV_VAR = "COURSE_PROFILE"
 PROFILE_NAMES = ("tiny", "t4", "full")
+# GPU memory from which `full` is chosen: a "40 GB" A100 reports about 39.4 GiB; 24-32 GB cards stay on `t4`.
+FULL_PROFILE_MIN_GIB = 35.0
 
 # The seven linear projections of every Mistral decoder layer: the recipe adapts all of them.
 MISTRAL_LINEAR_MODULES = ("k_proj", "gate_proj", "v_proj", "up_proj", "q_proj", "o_proj", "down_proj")
@@ -242,15 +244,14 @@ def resolve_profile_name(name: str | None = None) -> tuple[str, str]:
     elif os.environ.get(PROFILE_ENV_VAR):
         name, how = os.environ[PROFILE_ENV_VAR], f"set by ${PROFILE_ENV_VAR}"
     else:
-        from helpers.hardware import cuda_available
+        from helpers.hardware import cuda_available, gpu_total_memory_gib  # torch: only when the hardware decides
 
         if not cuda_available():
             return "tiny", "no CUDA GPU found, so the CPU profile"
-        from helpers.hardware import gpu_total_memory_gib
-
         memory = gpu_total_memory_gib()
-        name = "full" if memory >= 40 else "t4"
-        how = f"a CUDA GPU with {memory:.0f} GiB found"
+        name = "full" if memory >= FULL_PROFILE_MIN_GIB else "t4"
+        how = f"a CUDA GPU with {memory:.1f} GiB found ({'at least' if name == 'full' else 'under'} " \
+              f"{FULL_PROFILE_MIN_GIB:.0f} GiB)"
     name = name.strip().lower()
     if name not in PROFILES:
         raise ValueError(
@@ -260,18 +261,38 @@ def resolve_profile_name(name: str | None = None) -> tuple[str, str]:
     return name, how
 
 
+# What a GPU profile changes when it runs on a CPU, on the offline stand-ins (helpers.standins): everything else of
+# the recipe stays, 4-bit NF4 and gradient checkpointing included. Keys start with "cpu." (not profile settings).
+CPU_STANDIN_DIFFERENCES = {
+    "cpu.model.name": "an offline stand-in served under the real hub id: the real architecture at tiny width, "
+    "random weights (helpers.standins)",
+    "cpu.data.dataset": "an offline stand-in of Intel/orca_dpo_pairs, a few hundred generated rows in its columns",
+    "cpu.training.precision": "fp32: a CPU trains in neither fp16 nor bf16 mixed precision",
+    "cpu.training.optim": "adamw_torch: paged optimizers page GPU memory (helpers.training.optimizer_name)",
+    "cpu.quantization.compute_dtype": "float32; the 4-bit NF4 weights stay, with bitsandbytes' CPU repacking "
+    "forbidden (helpers.loading.forbid_cpu_nf4_packing)",
+    "cpu.lm_eval": "the course's own task instead of the card's suite, whose data sets cannot be fetched offline",
+}
+
+
 def get_profile(name: str | None = None, *, check_hardware: bool = True) -> Profile:
-    """The profile called ``name`` (or the one chosen automatically); refuses a GPU profile on a CPU machine."""
+    """The profile called ``name`` (or the one chosen automatically); refuses a GPU profile on a CPU machine.
+
+    The one exception: with the offline stand-ins switched on (``$COURSE_STANDINS=1``, :mod:`helpers.standins`) a
+    GPU profile runs on a CPU, for tests; its ``differences`` then also list, under ``cpu.*``, what the CPU changes.
+    """
+    from helpers.hardware import cuda_available  # imports torch: not at the top, the profile CLI stays fast
+    from helpers.standins import standins_active
+
     resolved, _ = resolve_profile_name(name)
     profile = PROFILES[resolved]
-    if check_hardware and profile.model.needs_gpu:
-        from helpers.hardware import cuda_available
-
-        if not cuda_available():
-            raise RuntimeError(
-                f"profile {resolved!r} needs a CUDA GPU and this machine has none; "
-                f"use profile 'tiny' on CPU (set ${PROFILE_ENV_VAR}=tiny)"
-            )
+    if check_hardware and profile.model.needs_gpu and not cuda_available():
+        if standins_active():
+            return dataclasses.replace(profile, differences={**profile.differences, **CPU_STANDIN_DIFFERENCES})
+        raise RuntimeError(
+            f"profile {resolved!r} needs a CUDA GPU and this machine has none; "
+            f"use profile 'tiny' on CPU (set ${PROFILE_ENV_VAR}=tiny)"
+        )
     return profile
 
 

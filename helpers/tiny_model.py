@@ -25,6 +25,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tokenizers
+import torch
+import transformers
+import trl
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import MistralForCausalLM, PreTrainedTokenizerFast, PrinterCallback
+from transformers.utils import logging as hf_logging
+from trl import SFTConfig, SFTTrainer
+
+from helpers.architectures import mistral_config
 from helpers.paths import DATA_DIR, cache_dir
 
 IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<pad>", "<unk>"
@@ -58,11 +69,6 @@ class TinyRecipe:
 
 def _recipe_key(recipe: TinyRecipe) -> str:
     """A short hash of the recipe, the data it trains on and the library versions that shape the weights."""
-    import tokenizers
-    import torch
-    import transformers
-    import trl
-
     parts = {
         "recipe": asdict(recipe),
         "sft": hashlib.sha256((DATA_DIR / "sft.jsonl").read_bytes()).hexdigest(),
@@ -93,9 +99,6 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(recipe: TinyRecipe = TinyRecipe()):
     """A byte-level BPE tokenizer trained on the project's text, with ChatML special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE(unk_token=None))
     # Digits one per token (numbers compare digit by digit), then GPT-2 style byte-level pieces.
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -124,10 +127,7 @@ def build_tokenizer(recipe: TinyRecipe = TinyRecipe()):
 
 def build_untrained_model(tokenizer, recipe: TinyRecipe = TinyRecipe()):
     """A randomly initialised MistralForCausalLM with grouped-query attention (seeded)."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
+    config = mistral_config(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
@@ -150,8 +150,6 @@ def build_untrained_model(tokenizer, recipe: TinyRecipe = TinyRecipe()):
 
 def _sft_dataset(tokenizer):
     """Prompt/completion pairs from data/sft.jsonl: chat turns rendered with the template, statements as text."""
-    from datasets import Dataset
-
     prompts, completions = [], []
     for line in (DATA_DIR / "sft.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
@@ -167,9 +165,6 @@ def _sft_dataset(tokenizer):
 
 def _instruction_tune(model, tokenizer, recipe: TinyRecipe, work_dir: Path, progress: bool) -> list[float]:
     """Answer-only SFT with TRL's SFTTrainer; returns the logged training losses."""
-    from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
-
     config = SFTConfig(
         output_dir=str(work_dir / "sft"),
         max_steps=recipe.sft_steps,
@@ -198,8 +193,6 @@ def _instruction_tune(model, tokenizer, recipe: TinyRecipe, work_dir: Path, prog
         dataset = _sft_dataset(tokenizer)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     if not progress:  # with the bar off, the Trainer prints every logged dict instead: keep logs short
-        from transformers import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -213,8 +206,6 @@ def build_tiny_model(
     The build is written to a temporary folder and renamed into place, so an interrupted build never
     leaves a half-written model behind.
     """
-    import torch
-
     target = tiny_model_dir(recipe)
     if (target / "config.json").exists() and not force:
         return target

@@ -1,46 +1,38 @@
-"""DPO training with TRL: the recipe's DPOConfig built from a profile, and the training run itself."""
+"""DPO training with TRL (notebook 04): the recipe's DPOConfig from a profile, the trainer, and the training run.
+
+Notebook 04 calls ``DPOConfig(**dpo_config_kwargs(...))``, ``DPOTrainer(...)`` and ``trainer.train()`` in its own
+cells; :func:`train_dpo` does the same for the headless pipeline (``python -m helpers run``) and the other notebooks
+that need a trained adapter. Both sides share everything but those few library calls: the arguments
+(:func:`dpo_config_kwargs`), what must happen between building the trainer and training it
+(:func:`prepare_trainer`), and what a finished run writes (:func:`finish_run`).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
+import dataclasses
 import shutil
-import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed as hf_set_seed
+from trl import DPOConfig, DPOTrainer
 
+from helpers.data import PreparedData, prepare_data
+from helpers.distributed import attach_trace_if_asked
 from helpers.hardware import cuda_available, training_precision
+from helpers.loading import forbid_cpu_nf4_packing, load_model, load_tokenizer, model_source
+from helpers.lora import lora_config
 from helpers.profiles import Profile
+from helpers.progress import compact_progress, silence_trainer
+from helpers.saving import latest_complete_checkpoint, save_atomically, write_json_atomically
 
 ADAPTER_DIRNAME = "adapter"
-TRACE_ENV_VAR = "COURSE_TRACE_DIR"  # debug: each process writes what it trained on here (see attach_trace)
-
-
-def process_rank() -> int:
-    """This process's rank in a multi-process launch (torchrun, accelerate launch); 0 in a plain run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    """How many processes train together (1 in a plain run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """True in a plain run and in rank 0 of a multi-process launch: the one process that writes files."""
-    return process_rank() == 0
+CHECKPOINTS_DIRNAME = "checkpoints"
+HISTORY_FILENAME = "history.json"
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def optimizer_name(profile: Profile) -> str:
@@ -52,10 +44,11 @@ def optimizer_name(profile: Profile) -> str:
 
 
 def dpo_config_kwargs(profile: Profile, output_dir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """The keyword arguments :func:`dpo_config` gives ``DPOConfig``: the profile's settings, adapted to the hardware.
+    """The keyword arguments of the profile's ``DPOConfig``: every recipe setting explicit, adapted to the hardware.
 
-    Separate from :func:`dpo_config` so the recipe's GPU settings (bf16, paged AdamW) can be checked on a
-    machine without a GPU, where ``DPOConfig`` itself refuses bf16.
+    A plain dict, so notebook 04 can show it and call ``DPOConfig(**kwargs)`` itself, and so the recipe's GPU
+    settings (bf16, paged AdamW) can be checked on a machine without a GPU, where ``DPOConfig`` refuses bf16.
+    ``overrides`` replace single fields (e.g. ``max_steps=20``).
     """
     t, d = profile.training, profile.dpo
     precision = training_precision(t.precision)
@@ -99,93 +92,156 @@ def dpo_config_kwargs(profile: Profile, output_dir: str | Path, **overrides: Any
     return settings
 
 
-def dpo_config(profile: Profile, output_dir: str | Path, **overrides: Any):
-    """The profile rendered into a TRL ``DPOConfig``, every setting explicit (TRL's defaults differ from the recipe).
-
-    ``overrides`` replace single fields (e.g. ``max_steps=20``) for short experiments.
-    """
-    from trl import DPOConfig
-
+def dpo_config(profile: Profile, output_dir: str | Path, **overrides: Any) -> DPOConfig:
+    """The profile rendered into a TRL ``DPOConfig`` (see :func:`dpo_config_kwargs`)."""
     return DPOConfig(**dpo_config_kwargs(profile, output_dir, **overrides))
 
 
-def make_trainer(profile: Profile, model, tokenizer, train_dataset, output_dir: str | Path, **overrides: Any):
-    """A ``DPOTrainer`` with the profile's LoRA adapter and ``ref_model=None``.
+def pairs_only(dataset):
+    """The data set with only ``prompt``, ``chosen`` and ``rejected``: what TRL's preference trainers read."""
+    return dataset.remove_columns([c for c in dataset.column_names if c not in PAIR_COLUMNS])
 
-    With an adapter, the reference model is the same network with the adapter switched off, so no
-    second copy of the base weights is loaded (the seed's first version loaded one and paid for it).
+
+def trainable_dtype(precision: str) -> torch.dtype:
+    """The dtype the trainable (LoRA) weights must have for ``precision`` ("bf16", "fp16" or "fp32").
+
+    bf16 training keeps them in bf16 (what TRL chooses for a quantised model, following the QLoRA paper). fp16
+    mixed precision needs fp32 weights: its GradScaler unscales fp32 gradients only, and fails on bf16 ones
+    (``"_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'``). fp32 is fp32.
     """
-    from trl import DPOTrainer
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
-    from helpers.lora import lora_config
 
-    columns = [c for c in train_dataset.column_names if c not in {"prompt", "chosen", "rejected"}]
-    train_dataset = train_dataset.remove_columns(columns)
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=dpo_config(profile, output_dir, **overrides),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(profile),
-    )
-    if os.environ.get(TRACE_ENV_VAR):
-        attach_trace(trainer, os.environ[TRACE_ENV_VAR])
+def cast_trainable_weights(model, dtype: torch.dtype) -> int:
+    """Cast every trainable parameter of ``model`` to ``dtype`` in place; returns how many were changed."""
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            changed += 1
+    return changed
+
+
+def prepare_trainer(trainer, profile: Profile, *, progress: bool = True, desc: str = "DPO steps"):
+    """What must happen between building a preference trainer and ``trainer.train()``; returns the trainer.
+
+    1. TRL 1.16 casts a quantised model's LoRA weights to bf16 while building the trainer; under fp16 (a T4) or
+       fp32 (a CPU) they go back to fp32 (see :func:`trainable_dtype`). The optimizer is created by ``train()``,
+       so it sees the cast weights.
+    2. On CPU, bitsandbytes must not repack the 4-bit weights (see :func:`helpers.loading.forbid_cpu_nf4_packing`).
+    3. One progress bar called ``desc`` instead of a printed dict per logged step (or nothing, ``progress=False``).
+    4. The data-parallel trace hook when ``$COURSE_TRACE_DIR`` asks for it.
+    """
+    cast_trainable_weights(trainer.model, trainable_dtype(training_precision(profile.training.precision)))
+    if not cuda_available():
+        forbid_cpu_nf4_packing(trainer.model)
+    if progress:
+        compact_progress(trainer, desc)
+    else:
+        silence_trainer(trainer)
+    attach_trace_if_asked(trainer)
     return trainer
 
 
-def trainable_checksum(model) -> str:
-    """SHA-256 of the trainable (LoRA) weights, by name: equal checksums mean bit-identical adapters."""
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def build_trainer(
+    profile: Profile, model, tokenizer, train_dataset, output_dir: str | Path, *, progress: bool = True,
+    ref_model=None, **overrides: Any,
+) -> DPOTrainer:
+    """A prepared ``DPOTrainer`` with the profile's LoRA adapter and ``ref_model=None`` (notebook 04 shows the call).
 
-
-def attach_trace(trainer, folder: str | Path) -> None:
-    """Debug hook (switched on by ``$COURSE_TRACE_DIR``): each process records what it trained on.
-
-    At the end of training every process writes ``<folder>/rank<N>.json`` with ``batches`` (for each
-    micro-batch, a short SHA-256 of each pair's chosen + rejected token ids), the losses the trainer logged,
-    and ``lora_sha256``, a checksum of its trainable weights. tests/test_accelerate.py reads these to show that
-    data-parallel processes train on different pairs and still end with identical adapters.
+    With an adapter, the reference model is the same network with the adapter switched off, so no second copy of
+    the base weights is loaded (the seed's first version loaded one and paid for it; ``ref_model=`` a second loaded
+    model does that again, for the benchmarks that measure what it costs).
     """
-    from transformers import TrainerCallback
+    if not progress:
+        overrides.setdefault("disable_tqdm", True)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_config(profile, output_dir, **overrides),
+        train_dataset=pairs_only(train_dataset),
+        processing_class=tokenizer,
+        peft_config=lora_config(profile),
+    )
+    return prepare_trainer(trainer, profile, progress=progress)
 
-    folder = Path(folder)
-    batches: list[list[str]] = []
-    original_step = trainer.training_step
 
-    def training_step(model, inputs, *args, **kwargs):
-        ids, mask = inputs["input_ids"].detach().cpu(), inputs["attention_mask"].detach().cpu().bool()
-        half = ids.shape[0] // 2  # TRL stacks the chosen rows, then the rejected rows
-        batches.append(
-            [
-                hashlib.sha256(
-                    ids[i][mask[i]].numpy().tobytes() + b"|" + ids[half + i][mask[half + i]].numpy().tobytes()
-                ).hexdigest()[:16]
-                for i in range(half)
-            ]
-        )
-        return original_step(model, inputs, *args, **kwargs)
+@dataclass
+class TrainOutcome:
+    """What a training run produced."""
 
-    class Trace(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            folder.mkdir(parents=True, exist_ok=True)
-            record = {
-                "rank": args.process_index,
-                "world_size": args.world_size,
-                "batches": batches,
-                "losses": [[e["step"], e["loss"]] for e in state.log_history if "loss" in e and "step" in e],
-                "lora_sha256": trainable_checksum(model),
-                "global_step": state.global_step,
-            }
-            (folder / f"rank{args.process_index}.json").write_text(json.dumps(record))
+    trainer: Any
+    history: list[dict[str, float]]
+    adapter_dir: Path
+    seconds: float
 
-    trainer.training_step = training_step
-    trainer.add_callback(Trace())
+
+def resume_from(run_folder: str | Path, resume: bool | str) -> str | None:
+    """The checkpoint to resume from: ``True`` -> the newest complete one in ``<run>/checkpoints``; a path; or None."""
+    if resume is True:
+        found = latest_complete_checkpoint(Path(run_folder) / CHECKPOINTS_DIRNAME)
+        if found is None:
+            raise FileNotFoundError(
+                f"resume=True but {Path(run_folder) / CHECKPOINTS_DIRNAME} holds no complete checkpoint; the run "
+                "never reached its first save - start it again with resume=False"
+            )
+        return str(found)
+    return str(resume) if resume else None
+
+
+def finish_run(trainer, profile: Profile, run_folder: str | Path, seconds: float) -> TrainOutcome:
+    """After ``trainer.train()``: the log as rows, the adapter saved atomically, ``history.json`` written."""
+    run_folder = Path(run_folder)
+    history = log_history_table(trainer)
+    # only the main process writes (under FSDP every process takes part in gathering the adapter)
+    if trainer.is_world_process_zero() or getattr(trainer, "is_fsdp_enabled", False):
+        adapter = save_adapter(trainer, run_folder, profile)
+    else:
+        adapter = run_folder / ADAPTER_DIRNAME
+    if trainer.is_world_process_zero():
+        write_json_atomically(run_folder / HISTORY_FILENAME, history, indent=1)
+    return TrainOutcome(trainer, history, adapter, seconds)
+
+
+def timed_train(trainer, resume: str | None = None) -> float:
+    """``trainer.train()`` (from checkpoint ``resume`` when given); returns the seconds it took."""
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    return time.perf_counter() - started
+
+
+def with_training_overrides(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    """The profile with the training fields among ``overrides`` folded in: the profile saved is the one that ran."""
+    fields = {f.name for f in dataclasses.fields(profile.training)}
+    return profile.replace("training", **{k: v for k, v in overrides.items() if k in fields})
+
+
+def train_dpo(
+    profile: Profile,
+    run_folder: str | Path,
+    *,
+    resume: bool | str = False,
+    progress: bool = True,
+    data: PreparedData | None = None,
+    **overrides: Any,
+) -> TrainOutcome:
+    """Train the profile's LoRA adapter with DPO and save it, its log and its profile in the run folder.
+
+    ``resume=True`` continues from the newest checkpoint in ``<run>/checkpoints`` (or a given path);
+    ``overrides`` are ``DPOConfig`` fields (``max_steps=20``, ``report_to="wandb"``, ...).
+    """
+    run_folder = Path(run_folder)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_from(run_folder, resume)
+    profile = with_training_overrides(profile, overrides)
+    set_seed(profile.training.seed)
+    source = model_source(profile)
+    tokenizer = load_tokenizer(profile, source)
+    data = data or prepare_data(profile, tokenizer)
+    model = load_model(profile, source=source)
+    trainer = build_trainer(profile, model, tokenizer, data.train, run_folder / CHECKPOINTS_DIRNAME,
+                            progress=progress, **overrides)
+    return finish_run(trainer, profile, run_folder, timed_train(trainer, checkpoint))
 
 
 def log_history_table(trainer) -> list[dict[str, float]]:
@@ -207,45 +263,6 @@ def saturation_warning(history: list[dict[str, float]], total_steps: int) -> str
                 "the model is good - watch the margins, the log-probs of the chosen answers and held-out accuracy."
             )
     return None
-
-
-def latest_complete_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (the last file a checkpoint writes) parses.
-
-    A run killed while writing a checkpoint leaves a half-written folder; resuming from it would fail.
-    """
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()]
-    for path in sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return path
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def save_atomically(save_fn, target: str | Path, *, overwrite: bool = True) -> Path:
-    """Call ``save_fn(tmp_folder)`` then rename the folder to ``target``: a crash leaves the old one intact."""
-    target = Path(target)
-    old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.exists():  # a crash between the two renames below: the old one comes back
-        old.replace(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already holds a saved model; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        save_fn(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target.replace(old)
-            tmp.replace(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def save_adapter(trainer, run_folder: str | Path, profile: Profile) -> Path:
@@ -285,59 +302,6 @@ def _save_adapter_fsdp(trainer, run_folder: Path, profile: Profile) -> Path:
     return run_folder / ADAPTER_DIRNAME
 
 
-def write_history(history: list[dict[str, float]], path: str | Path) -> None:
-    """The log history as JSON next to the adapter, for the plots of later notebooks."""
-    Path(path).write_text(json.dumps(history, indent=1))
-
-
 def set_seed(seed: int) -> None:
     """One seed for python, numpy and torch (CPU runs are then bit-for-bit reproducible)."""
-    from transformers import set_seed as hf_set_seed
-
     hf_set_seed(seed)
-    torch.use_deterministic_algorithms(False)
-
-
-LN2 = math.log(2)  # DPO's loss at step 0: policy == reference, so -log sigmoid(0) = ln 2
-
-
-def compact_progress(trainer, every_seconds: float = 5.0):
-    """Swap the trainer's log-printing progress display for one tqdm bar that shows the latest loss.
-
-    The default display prints every logged dict (hundreds of lines in a notebook); this keeps the
-    output to one bar, refreshed at most every ``every_seconds``.
-    """
-    from tqdm.auto import tqdm
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
-
-    try:
-        from transformers.utils.notebook import NotebookProgressCallback
-    except ImportError:  # pragma: no cover - only without IPython
-        NotebookProgressCallback = ProgressCallback  # noqa: N806
-
-    class CompactProgress(TrainerCallback):
-        bar = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                self.bar = tqdm(total=state.max_steps, desc="DPO steps", mininterval=every_seconds, dynamic_ncols=True)
-                self.bar.update(state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.bar is not None and logs and "loss" in logs:
-                acc = logs.get("rewards/accuracies")
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", **({"acc": f"{acc:.2f}"} if acc is not None else {}))
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    for callback in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
-        trainer.remove_callback(callback)
-    trainer.add_callback(CompactProgress())
-    return trainer

@@ -1,7 +1,9 @@
-"""Notebook maintenance: execute a notebook in place (tiny profile, offline) and strip noisy metadata.
+"""Notebook maintenance: execute a notebook in place (tiny profile, offline), strip noisy metadata, and stamp the
+cells every notebook shares (the Colab install cell, the Drive parameter, the start call, Colab's GPU metadata).
 
     python scripts/nbtools.py execute notebooks/01_chatml_formatting.ipynb [...]
     python scripts/nbtools.py strip notebooks/*.ipynb
+    python scripts/nbtools.py stamp notebooks/*.ipynb solutions/*.ipynb
 """
 
 from __future__ import annotations
@@ -13,15 +15,10 @@ from pathlib import Path
 
 import nbformat
 
-OFFLINE_ENV = {
-    "COURSE_PROFILE": "tiny",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONHASHSEED": "0",
-}
+from helpers.course import COLAB_METADATA, INSTALL_CELL, USE_DRIVE_LINE
+from helpers.paths import OFFLINE_ENV
+
+NOTEBOOK_ENV = {**OFFLINE_ENV, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
 
 def _collapse_progress(text: str) -> str:
@@ -52,7 +49,7 @@ def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
-        **({"colab": nb.metadata["colab"]} if "colab" in nb.metadata else {}),
+        **{key: nb.metadata[key] for key in COLAB_METADATA if key in nb.metadata},
     }
     for index, cell in enumerate(nb.cells):
         keep = {k: v for k, v in cell.metadata.items() if k in {"tags"}}
@@ -63,11 +60,26 @@ def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+def stamp(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Write the shared cells: the install cell (cell 1), ``USE_DRIVE`` in the parameters cell, the start call that
+    passes it, and the metadata that opens a GPU runtime on Colab. Running it twice changes nothing more."""
+    nb.metadata.update(COLAB_METADATA)
+    nb.cells[1].source = INSTALL_CELL
+    for cell in nb.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            lines = [line for line in cell.source.splitlines() if not line.startswith("USE_DRIVE =")]
+            at = next(i for i, line in enumerate(lines) if line.startswith("PROFILE =")) + 1
+            cell.source = "\n".join([*lines[:at], USE_DRIVE_LINE, *lines[at:]])
+        if cell.cell_type == "code" and "notebook.start(PROFILE)" in cell.source:
+            cell.source = cell.source.replace("notebook.start(PROFILE)", "notebook.start(PROFILE, use_drive=USE_DRIVE)")
+    return nb
+
+
 def execute(path: Path, timeout: int = 1200) -> float:
     """Run the notebook top to bottom in its own folder and write it back with outputs; returns seconds."""
     from nbclient import NotebookClient
 
-    os.environ.update(OFFLINE_ENV)
+    os.environ.update(NOTEBOOK_ENV)
     nb = nbformat.read(path, as_version=4)
     started = time.perf_counter()
     resources = {"metadata": {"path": str(path.parent)}}
@@ -79,13 +91,15 @@ def execute(path: Path, timeout: int = 1200) -> float:
 
 def main(argv: list[str]) -> int:
     """Command line entry point."""
-    if len(argv) < 2 or argv[0] not in {"execute", "strip"}:
+    if len(argv) < 2 or argv[0] not in {"execute", "strip", "stamp"}:
         print(__doc__)
         return 2
     for name in argv[1:]:
         path = Path(name)
         if argv[0] == "execute":
             print(f"{path.name}: {execute(path):.1f} s")
+        elif argv[0] == "stamp":
+            nbformat.write(strip(stamp(nbformat.read(path, as_version=4))), path)
         else:
             nbformat.write(strip(nbformat.read(path, as_version=4)), path)
     return 0

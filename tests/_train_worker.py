@@ -4,7 +4,7 @@
     python tests/_train_worker.py train --run-id ID --max-steps 10
     python tests/_train_worker.py save-slowly TARGET MARKER
 
-``train``: the tiny profile's DPO training (helpers.pipeline.train_dpo) into RUN_FOLDER (or, with ``--run-id``,
+``train``: the tiny profile's DPO training (helpers.training.train_dpo) into RUN_FOLDER (or, with ``--run-id``,
 into helpers.paths.run_dir("tiny", ID) under $COURSE_OUTPUT_DIR), one logged loss per step, a checkpoint every
 ``--save-steps`` (set through the profile, as a learner would), on one CPU thread.
 ``save-slowly``: helpers.training.save_atomically with a save function that writes one file, touches
@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> None:
     import torch
 
     from helpers.paths import run_dir
-    from helpers.pipeline import train_dpo
+    from helpers.training import train_dpo
 
     torch.set_num_threads(1)
     profile = training_profile(args.max_steps, args.save_steps)
@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _save_slowly(args: argparse.Namespace) -> None:
-    from helpers.training import save_atomically
+    from helpers.saving import save_atomically
 
     def _save(folder: Path) -> None:
         (folder / "model.safetensors").write_bytes(b"half of a new model")

@@ -35,3 +35,24 @@ def tokenizer(profile, tiny_model_path):
     from helpers.loading import load_tokenizer
 
     return load_tokenizer(profile, str(tiny_model_path))
+
+
+@pytest.fixture(scope="session")
+def other_model_path(tiny_model_path, tmp_path_factory) -> Path:
+    """A second model, different from the tiny one but of its family: the tiny model with a random LoRA update
+    (seeded, non-zero B) merged in and saved. Tests compare two models with it, never a model with itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("other-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    torch.manual_seed(7)
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    wrapped.merge_and_unload().save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(folder)
+    return folder

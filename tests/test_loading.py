@@ -51,7 +51,7 @@ def test_pad_equal_to_eos_is_refused(tokenizer) -> None:
 
     broken = copy.deepcopy(tokenizer)
     broken.pad_token = broken.eos_token
-    with pytest.raises(ValueError, match="never to stop"):
+    with pytest.raises(ValueError, match="SFT collator masks every pad position"):
         check_tokenizer(broken, "broken tokenizer")
 
 
@@ -82,7 +82,25 @@ def test_four_bit_logits_differ_a_little(models, tokenizer) -> None:
     diff = max_logit_difference(four, full, ids["input_ids"])
     # measured 0.92 on the tiny model (logits up to ~15): NF4 rounding moves them, it does not scramble them
     assert math.isfinite(diff) and 0.0 < diff < 5.0
-    assert max_logit_difference(full, full, ids["input_ids"]) == 0.0
+
+
+def test_four_bit_model_computes_with_the_weights_bitsandbytes_dequantizes(models, tiny_model_path, profile,
+                                                                           tokenizer) -> None:
+    """The independent reference: an fp32 model whose linear weights are bitsandbytes' own dequantisation of its
+    NF4 weights gives the 4-bit model's logits (to float rounding); the original weights do not."""
+    import bitsandbytes.functional as bnbf
+
+    four, full = models
+    dequantized = load_model(profile, four_bit=False, source=str(tiny_model_path))
+    layers = dict(four.named_modules())
+    with torch.no_grad():
+        for name in quantized_layer_names(four):
+            weight = layers[name].weight
+            target = dequantized.get_submodule(name).weight
+            target.copy_(bnbf.dequantize_4bit(weight.data, weight.quant_state).to(target.dtype))
+    ids = tokenizer("<|im_start|>user\nWhat is a key used for?<|im_end|>\n", return_tensors="pt")["input_ids"]
+    assert max_logit_difference(four, dequantized, ids) < 1e-4
+    assert max_logit_difference(four, full, ids) > 1e-2
 
 
 def test_loading_bar_setting_is_restored(profile, tiny_model_path) -> None:

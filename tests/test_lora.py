@@ -38,7 +38,8 @@ def test_linear_layers_found_are_the_recipe_targets(profile, tiny_model_path) ->
 def test_mistral_7b_lora_has_41_943_040_trainable_parameters_by_peft() -> None:
     from peft import get_peft_model
 
-    from helpers.memory import MISTRAL_7B_VOCAB, meta_model, mistral_7b_config
+    from helpers.architectures import MISTRAL_7B_VOCAB, meta_model
+    from helpers.loading import mistral_7b_config
 
     model = meta_model(mistral_7b_config(MISTRAL_7B_VOCAB))
     assert linear_layer_names(model) == sorted(MISTRAL_LINEAR_MODULES)

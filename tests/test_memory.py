@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.memory import (
-    MISTRAL_7B_VOCAB,
-    OPENHERMES_VOCAB,
+from helpers.architectures import MISTRAL_7B_VOCAB, OPENHERMES_VOCAB, meta_model
+from helpers.loading import (
     activation_bytes,
     format_memory_table,
     memory_table,
-    meta_model,
     mistral_7b_config,
     nf4_layer_bytes,
     quant_state_bytes,
@@ -65,10 +63,23 @@ def test_unsupported_width_is_refused(mistral) -> None:
         weight_bytes(mistral, 2)
 
 
-def test_nf4_bytes_per_layer() -> None:
-    # 4096 x 4096: 8 MiB of packed values, 262,144 uint8 scales, 1,024 fp32 second-level scales, constants
-    assert nf4_layer_bytes(4096 * 4096) == 8_388_608 + 262_144 + 1_024 * 4 + 4 + 1_024 + 64
-    assert nf4_layer_bytes(4096 * 4096, double_quant=False) == 8_388_608 + 262_144 * 4 + 64
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 333), (64, 64)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_per_layer_are_what_bitsandbytes_stores(shape, double_quant) -> None:
+    """The reference is bitsandbytes itself: quantise a real matrix and count every tensor it keeps."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(torch.randn(*shape), quant_type="nf4", compress_statistics=double_quant)
+    stored = _bytes(packed) + _bytes(state.absmax) + _bytes(state.code)
+    if state.offset is not None:
+        stored += _bytes(state.offset)
+    if state.state2 is not None:
+        stored += _bytes(state.state2.absmax) + _bytes(state.state2.code)
+    assert nf4_layer_bytes(shape[0] * shape[1], double_quant=double_quant) == stored
 
 
 def test_formula_matches_the_really_quantized_tiny_model(tiny_model_path) -> None:

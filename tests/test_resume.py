@@ -35,7 +35,7 @@ def losses(run: Path) -> list[tuple[int, float]]:
 def test_save_killed_midway_leaves_the_previous_model_intact(tmp_path: Path, tiny_model_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from helpers.training import save_atomically
+    from helpers.saving import save_atomically
 
     target = tmp_path / "runs" / "tiny-main" / "merged"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)

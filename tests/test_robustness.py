@@ -369,7 +369,7 @@ def test_existing_merged_model_is_never_overwritten_without_the_flag(profile, me
 
 
 def test_save_into_an_existing_folder_without_the_flag_writes_nothing(tmp_path) -> None:
-    from helpers.training import save_atomically
+    from helpers.saving import save_atomically
 
     target = tmp_path / "merged"
     target.mkdir()
@@ -409,7 +409,7 @@ def test_models_load_without_remote_code_from_safetensors_only(monkeypatch, prof
 
     def fake_from_pretrained(source, **kwargs):
         calls.append(kwargs)
-        return "a model"
+        return torch.nn.Module()  # modules() works on it, as on a real model
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     load_model(profile, four_bit=False, source=str(tiny_model_path))

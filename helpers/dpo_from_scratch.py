@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from helpers.plots import save_figure
+from helpers.training import build_trainer
 
 # The per-batch numbers TRL's DPOTrainer records (means over the pairs of the batch), in its own names.
 TRL_METRICS = (
@@ -168,15 +172,11 @@ def dpo_from_scratch(model, batch: dict[str, torch.Tensor], beta: float, *, with
 def sigmoid_trainer(profile, model, tokenizer, train_dataset, output_dir: str | Path, *, steps: int, **overrides):
     """TRL's ``DPOTrainer`` for plain sigmoid DPO (the profile's LoRA, ``ref_model=None``), trained ``steps`` steps.
 
-    Built with :func:`helpers.training.make_trainer` from the profile with ``loss_type=("sigmoid",)`` (the tiny
+    Built with :func:`helpers.training.build_trainer` from the profile with ``loss_type=("sigmoid",)`` (the tiny
     profile adds an SFT term for training; the comparison is about DPO alone). A few real optimisation steps
     (batch of ``per_device_train_batch_size`` pairs, no accumulation, no warm-up, nothing saved) make the policy
     differ from the reference, so that the rewards are not all zero. Training prints nothing.
     """
-    from transformers import PrinterCallback
-
-    from helpers.training import make_trainer
-
     sigmoid_only = profile.replace("dpo", loss_type=("sigmoid",), loss_weights=None)
     settings = dict(
         max_steps=steps,
@@ -184,11 +184,9 @@ def sigmoid_trainer(profile, model, tokenizer, train_dataset, output_dir: str | 
         warmup_steps=0,
         save_strategy="no",
         logging_strategy="no",
-        disable_tqdm=True,
     )
     settings.update(overrides)
-    trainer = make_trainer(sigmoid_only, model, tokenizer, train_dataset, output_dir, **settings)
-    trainer.remove_callback(PrinterCallback)  # the end-of-training summary line
+    trainer = build_trainer(sigmoid_only, model, tokenizer, train_dataset, output_dir, progress=False, **settings)
     if steps > 0:
         trainer.train()
     trainer.model.eval()
@@ -259,10 +257,6 @@ def plot_gradient_weight(reward_margins: Sequence[float], beta: float, path: str
 
     Saved as PNG to ``path`` when given (e.g. ``<run>/plots/07_dpo_gradient_weight.png``); returns the figure.
     """
-    from matplotlib.figure import Figure
-
-    from helpers.plots import save_figure
-
     margins = torch.as_tensor(list(reward_margins), dtype=torch.float32)
     span = max(6.0, float(margins.abs().max()) * 1.2) if len(margins) else 6.0
     grid = torch.linspace(-span, span, 241)

@@ -6,8 +6,9 @@ import json
 from collections import Counter
 
 import pytest
+from datasets import Dataset
 
-from helpers import harness
+from helpers import evaluation as harness
 from helpers.paths import DATA_DIR
 
 HELDOUT_ROWS = [json.loads(line) for line in (DATA_DIR / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -32,7 +33,6 @@ def tiny_results(tiny_model_path):
 @pytest.fixture(scope="module")
 def course_accuracy(tiny_model_path):
     """The course's own summed log-likelihood preference accuracy of the tiny model on the same pairs."""
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from helpers.chatml import format_dataset
@@ -110,7 +110,8 @@ def test_tasks_for_profile():
 
 def test_suite_tasks_are_known_to_lm_eval():
     with harness.course_task_dir() as folder:
-        harness.check_tasks(harness.make_task_manager(folder), harness.suite_tasks())
+        manager = harness.task_manager_for(harness.suite_tasks(), [folder])
+    assert set(harness.suite_tasks()) <= set(manager.all_tasks)
 
 
 def test_unknown_task_is_named_in_the_error(tiny_model_path):
@@ -120,9 +121,20 @@ def test_unknown_task_is_named_in_the_error(tiny_model_path):
     assert "'course_preferences'" not in str(info.value).split("(asked for")[0]  # only the unknown one is blamed
 
 
-def test_compare_models_block(tiny_model_path):
-    block = harness.compare_models(tiny_model_path, tiny_model_path, ["course_preferences"], limit=8, device="cpu")
+def test_compare_models_block_holds_each_models_own_accuracy(tiny_model_path, other_model_path):
+    """Two different models through lm-eval: each number is that model's summed preference accuracy, as the course's
+    own scoring (helpers.evaluation.score_pairs, another implementation) computes it on the same pairs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers.chatml import format_dataset
+    from helpers.evaluation import preference_accuracy, score_pairs
+
+    block = harness.compare_models(tiny_model_path, other_model_path, ["course_preferences"], device="cpu")
     assert list(block) == ["course_preferences"]
-    assert set(block["course_preferences"]) == {"base", "dpo"}
-    assert block["course_preferences"]["base"] == block["course_preferences"]["dpo"]  # same model, same score
-    assert 0.0 <= block["course_preferences"]["base"] <= 1.0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    formatted = format_dataset(Dataset.from_json(str(DATA_DIR / "heldout.jsonl")), tokenizer, split="heldout")
+    for side, path in (("base", tiny_model_path), ("dpo", other_model_path)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        expected = preference_accuracy(score_pairs(model, tokenizer, formatted))["sum"]
+        assert block["course_preferences"][side] == pytest.approx(expected, abs=1e-9), side
+    assert block["course_preferences"]["base"] != block["course_preferences"]["dpo"]  # two models, two scores

@@ -1,4 +1,4 @@
-"""DPO from scratch (helpers.dpo_scratch) against hand-computed values and against TRL's own DPOTrainer."""
+"""DPO from scratch (helpers.dpo_from_scratch) against hand-computed values and against TRL's own DPOTrainer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import dpo_scratch as ds
+from helpers import dpo_from_scratch as ds
 
 BETA = 0.1
 PAIRS = 4

@@ -1,4 +1,4 @@
-"""GGUF export (helpers.gguf_export): round trips through transformers' GGUF loader, tokenizer, metadata.
+"""GGUF export (helpers.export_gguf): round trips through transformers' GGUF loader, tokenizer, metadata.
 
 The merged model is built here (the tiny base + a LoRA adapter with seeded random B, merged by
 helpers.merging), so the tests do not depend on the notebooks having run.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import gguf_export as gx
+from helpers import export_gguf as gx
 
 PROMPTS = [
     "<|im_start|>user\nWhich is bigger: 8 or 66?<|im_end|>\n<|im_start|>assistant\n",

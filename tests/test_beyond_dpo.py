@@ -1,4 +1,4 @@
-"""helpers.variants (notebook 08): the loss variants, their configs, a real step of each, evaluation and plots."""
+"""helpers.beyond_dpo (notebook 08): the loss variants, their configs, a real step of each, evaluation and plots."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from helpers import variants as V
+from helpers import beyond_dpo as V
 
 PAIRS = 8  # training pairs of the smoke runs (one optimizer step takes 16: the loader cycles)
 HELDOUT = 4
@@ -97,8 +97,8 @@ def test_results_table_and_curves(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_data(profile, tiny_model_path):
+    from helpers.data import PreparedData, prepare_data
     from helpers.loading import load_tokenizer
-    from helpers.pipeline import PreparedData, prepare_data
 
     tokenizer = load_tokenizer(profile, str(tiny_model_path))
     data = prepare_data(profile, tokenizer)

@@ -2,21 +2,42 @@
 
 Every variant starts from the same point - the profile's base model, a fresh LoRA adapter, the same seed and
 the same formatted pairs - and only the loss changes. DPO-family losses are TRL ``DPOTrainer`` ``loss_type``s
-(:func:`helpers.pipeline.train_dpo` with the loss swapped in the profile); ORPO is TRL's reference-free
+(:func:`helpers.training.train_dpo` with the loss swapped in the profile); ORPO is TRL's reference-free
 ``trl.experimental.orpo.ORPOTrainer`` (:func:`train_orpo`). :func:`evaluate_variant` measures each trained
 adapter the way notebook 06 measures the course's model, and :func:`plot_variant_curves` overlays the logs.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from matplotlib.figure import Figure
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+from helpers.evaluation import generation_health, greedy_generate, implicit_rewards, preference_accuracy, score_pairs
+from helpers.loading import load_model, load_tokenizer, model_source
+from helpers.lora import lora_config
+from helpers.paths import run_dir
+from helpers.plots import save_figure
 from helpers.profiles import Profile
+from helpers.saving import write_json_atomically
+from helpers.training import (
+    CHECKPOINTS_DIRNAME,
+    TrainOutcome,
+    dpo_config_kwargs,
+    finish_run,
+    pairs_only,
+    prepare_trainer,
+    set_seed,
+    timed_train,
+    train_dpo,
+)
 
 ORPO = "orpo"  # the name of the reference-free variant (a trainer of its own, not a DPO loss_type)
 
@@ -104,16 +125,12 @@ def variant_run_id(run_id: str, name: str) -> str:
     return f"{run_id}-{safe}"
 
 
-def orpo_config(profile: Profile, output_dir: str | Path, **overrides: Any):
+def orpo_config(profile: Profile, output_dir: str | Path, **overrides: Any) -> ORPOConfig:
     """A TRL ``ORPOConfig`` with the profile's batch, optimiser, schedule, precision and seed.
 
     ORPO's own ``beta`` is the paper's λ, the weight of the odds-ratio term next to the NLL term (not a KL
     strength); the profile's β (0.1) happens to be the paper's λ too. DPO-only fields are left out.
     """
-    from trl.experimental.orpo import ORPOConfig
-
-    from helpers.training import dpo_config_kwargs
-
     kwargs = dpo_config_kwargs(profile, output_dir)
     for dpo_only in ("loss_type", "loss_weights"):
         kwargs.pop(dpo_only)
@@ -122,26 +139,13 @@ def orpo_config(profile: Profile, output_dir: str | Path, **overrides: Any):
     return ORPOConfig(**kwargs)
 
 
-def train_orpo(
-    profile: Profile, run_folder: str | Path, *, data, progress: bool = True, **overrides: Any
-):
-    """Train the profile's LoRA adapter with TRL's ORPO (reference-free) and save it like :func:`train_dpo` does.
+def train_orpo(profile: Profile, run_folder: str | Path, *, data, progress: bool = True, **overrides: Any
+               ) -> TrainOutcome:
+    """Train the profile's LoRA adapter with TRL's ORPO (reference-free) and save it as :func:`train_dpo` does.
 
-    Returns a :class:`helpers.pipeline.TrainOutcome`. ``overrides`` are ``ORPOConfig`` fields (e.g. ``max_steps``).
+    The same sequence as ``train_dpo`` (seed, load, build, :func:`helpers.training.prepare_trainer`, train,
+    :func:`helpers.training.finish_run`); only the trainer differs. ``overrides`` are ``ORPOConfig`` fields.
     """
-    from trl.experimental.orpo import ORPOTrainer
-
-    from helpers.loading import load_model, load_tokenizer, model_source
-    from helpers.lora import lora_config
-    from helpers.pipeline import TrainOutcome
-    from helpers.training import (
-        compact_progress,
-        log_history_table,
-        save_adapter,
-        set_seed,
-        write_history,
-    )
-
     run_folder = Path(run_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
     set_seed(profile.training.seed)
@@ -150,35 +154,25 @@ def train_orpo(
     model = load_model(profile, source=source)
     if not progress:
         overrides.setdefault("disable_tqdm", True)
-    train = data.train.remove_columns([c for c in data.train.column_names if c not in {"prompt", "chosen", "rejected"}])
     trainer = ORPOTrainer(
         model=model,
-        args=orpo_config(profile, run_folder / "checkpoints", **overrides),
-        train_dataset=train,
+        args=orpo_config(profile, run_folder / CHECKPOINTS_DIRNAME, **overrides),
+        train_dataset=pairs_only(data.train),
         processing_class=tokenizer,
         peft_config=lora_config(profile),
     )
-    if progress:
-        compact_progress(trainer)
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    history = log_history_table(trainer)
-    adapter = save_adapter(trainer, run_folder, profile)
-    write_history(history, run_folder / "history.json")
-    return TrainOutcome(trainer, history, adapter, seconds)
+    prepare_trainer(trainer, profile, progress=progress, desc="ORPO steps")
+    return finish_run(trainer, profile, run_folder, timed_train(trainer))
 
 
 def train_variant(
     profile: Profile, name: str, run_folder: str | Path, *, data, max_steps: int, beta: float | None = None,
     progress: bool = True, **overrides: Any,
-):
+) -> TrainOutcome:
     """Train one variant from the base model: a DPO ``loss_type`` through ``train_dpo``, or ORPO.
 
     No checkpoints are written (``save_strategy="no"``); the adapter and the log are, as for every run.
     """
-    from helpers.pipeline import train_dpo
-
     variant = VARIANTS[name]
     settings = {**variant.overrides, **overrides, "max_steps": max_steps, "save_strategy": "no"}
     if variant.reference_free:
@@ -201,21 +195,12 @@ def evaluate_variant(model, tokenizer, data, base_scores, beta: float, *, max_ne
     :func:`helpers.evaluation.score_pairs` on the same held-out pairs, the reference of the implicit reward
     β·(log π − log π_ref). ``margin_nats`` is the same margin without β (Δ, in nats), comparable across βs.
     """
-    from helpers.evaluation import (
-        generation_health,
-        greedy_generate,
-        implicit_rewards,
-        preference_accuracy,
-        score_pairs,
-    )
-    from helpers.pipeline import GENERATION_BUDGET
-
     model.eval()
     scores = score_pairs(model, tokenizer, data.heldout)
     accuracy = preference_accuracy(scores)
     rewards = implicit_rewards(scores, base_scores, beta)
-    gens = greedy_generate(model, tokenizer, list(data.heldout["prompt"]), max_new_tokens=max_new_tokens or
-                           GENERATION_BUDGET)
+    prompts = list(data.heldout["prompt"])
+    gens = greedy_generate(model, tokenizer, prompts, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
     health = generation_health(gens, data.heldout_rows)
     chosen_logp = (scores.chosen_sum - base_scores.chosen_sum).mean().item()
     return {
@@ -255,8 +240,6 @@ class Comparison:
     def run(self, name: str, *, beta: float | None = None, label: str | None = None, progress: bool = True,
             **overrides: Any) -> None:
         """Train variant ``name`` for ``steps`` steps from the base model, evaluate it, print one line, keep the row."""
-        from helpers.paths import run_dir
-
         label = label or name
         used_beta = self.profile.dpo.beta if beta is None else beta
         folder = run_dir(self.profile.name, variant_run_id(self.run_id, label))
@@ -274,20 +257,11 @@ class Comparison:
 
 def save_results(rows: Mapping[str, Mapping], histories: Mapping[str, Sequence], path: str | Path) -> Path:
     """``{"rows": ..., "histories": ...}`` as JSON, written atomically."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"rows": rows, "histories": histories}, indent=1))
-    tmp.replace(path)
-    return path
+    return write_json_atomically(path, {"rows": rows, "histories": histories}, indent=1)
 
 
 def load_results(path: str | Path) -> tuple[dict[str, dict], dict[str, list]]:
     """(rows, histories) written by :func:`save_results`."""
-    import json
-
     saved = json.loads(Path(path).read_text())
     return saved["rows"], saved["histories"]
 
@@ -311,8 +285,6 @@ TABLE_COLUMNS = {
 
 def results_table(rows: Mapping[str, Mapping[str, float]], columns: Mapping[str, str] | None = None, digits: int = 3):
     """A pandas DataFrame, one row per variant, with the comparison's columns (renamed for display)."""
-    import pandas as pd
-
     columns = dict(columns or TABLE_COLUMNS)
     frame = pd.DataFrame.from_dict({name: dict(row) for name, row in rows.items()}, orient="index")
     present = [c for c in columns if c in frame.columns]
@@ -348,10 +320,6 @@ def plot_variant_curves(
     logged value. The ``dashed`` runs (ORPO) log rewards as β·mean per-token log-prob with no reference, and
     per-token log-probs: same panels, different units.
     """
-    from matplotlib.figure import Figure
-
-    from helpers.plots import save_figure
-
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, len(CURVE_PANELS))
     for ax, (key, label) in zip(axes, CURVE_PANELS):
