@@ -557,19 +557,25 @@ def special_token_types(path: str | Path, tokenizer) -> dict[str, str]:
     return found
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """The model and tokenizer transformers rebuilds from a GGUF file (weights dequantised to ``dtype``).
+def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The model transformers rebuilds from a GGUF file (eval mode, weights dequantised to ``dtype``), no tokenizer.
 
-    ``from_pretrained(folder, gguf_file=name)`` reads the metadata into a config and a tokenizer, dequantises
-    every tensor with ``gguf`` and, for the ``llama`` architecture, un-permutes q/k (``qwen2`` files are read as
-    they are). Its per-tensor progress bar (text on stderr) is kept out of the output.
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` reads the hyper-parameters into a config,
+    dequantises every tensor with ``gguf`` and, for the ``llama`` architecture, un-permutes q/k (``qwen2`` tensors
+    are used as they are). Its per-tensor progress bar (text on stderr) is kept out of the output.
     """
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     with contextlib.redirect_stderr(io.StringIO()):  # "Converting and de-quantizing GGUF tensors..." bar
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     model.eval()
-    return model, tokenizer
+    return model
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The model (:func:`load_gguf_model`) and the tokenizer transformers rebuilds from a GGUF file's metadata."""
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return load_gguf_model(path, dtype), tokenizer
 
 
 def load_reference(merged_dir: str | Path):
