@@ -1,8 +1,16 @@
-"""Shared pieces of the benchmark scripts: machine description, load average, a Mistral-shaped benchmark model,
-synthetic preference pairs of a controlled length, step timing, peak-memory probes, fresh-subprocess workers
-and the JSON/table output.
+"""Shared pieces of the benchmark scripts: machine description, load average, the Mistral-shaped benchmark model,
+synthetic preference pairs of a controlled length, peak-memory probes, fresh-subprocess workers and the JSON/table
+output. What the course itself provides is taken from helpers/, not redone here: model configs
+(helpers.architectures), the trainer (helpers.training.build_trainer), the step timer (helpers.progress), the 4-bit
+packing guard (helpers.loading), the repository root and the offline environment (helpers.paths), atomic JSON
+writes (helpers.saving).
 
 Nothing here is timed by the test-suite: these are measurement tools, run by hand (see benchmarks/README.md).
+
+torch, transformers and the helpers that import them are imported inside the functions that need them, so that
+importing this module stays cheap and imports no torch: course_time.py sets its own process's environment (threads,
+OpenMP wait policy) before torch's first import, and a worker sets its thread count and offline switches first
+(:func:`prepare_worker_process`).
 """
 
 from __future__ import annotations
@@ -20,22 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/NAME.py` from anywhere finds helpers/
-    sys.path.insert(0, str(REPO_ROOT))
+from helpers.paths import OFFLINE_ENV, REPO_ROOT
+from helpers.saving import write_json_atomically
 
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
 MIB = 2**20
-OFFLINE_ENV = {
-    "COURSE_PROFILE": "tiny",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONHASHSEED": "0",
-    "TQDM_DISABLE": "1",
-}
+# The workers' environment: the course's offline environment, and no progress bars in the logs they send back.
+WORKER_ENV = {**OFFLINE_ENV, "TQDM_DISABLE": "1"}
 
 
 # --------------------------------------------------------------------------------------------- the machine
@@ -52,13 +52,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def run_header(name: str, argv: list[str], load_start: list[float], started: float) -> dict[str, Any]:
-    """The fields every results JSON starts with: which benchmark, the command, the machine, the load, the time."""
-    import time
+def run_header(name: str, argv: list[str], load_start: list[float], started: float, *,
+               module: str | None = None) -> dict[str, Any]:
+    """The fields every results JSON starts with: which benchmark, the command, the machine, the load, the time.
 
+    ``module``: the script's module when it is not ``benchmarks.NAME`` (one script writing several results).
+    """
+    command = f"python -m {module or 'benchmarks.' + name}" + (" " + " ".join(argv) if argv else "")
     return {
         "benchmark": name,
-        "command": f"python benchmarks/{name}.py" + (" " + " ".join(argv) if argv else ""),
+        "command": command,
         "machine": machine_info(),
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
@@ -75,11 +78,25 @@ def loadavg() -> list[float]:
         return []
 
 
-def machine_info() -> dict[str, Any]:
-    """What ran the benchmark: CPU, cores, memory, library versions, GPU if any, and the load average now."""
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of the libraries the recipe runs on (package metadata: nothing is imported)."""
     import importlib.metadata as md
 
-    import torch
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, memory, library versions, GPU if any, and the load average now."""
+    import torch  # see the module docstring
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
@@ -95,11 +112,7 @@ def machine_info() -> dict[str, Any]:
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets"):
-        try:
-            info[name] = md.version(name)
-        except md.PackageNotFoundError:
-            info[name] = None
+    info.update(library_versions())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name
@@ -155,16 +168,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def page_faults() -> tuple[int, int]:
-    """(major, minor) page faults of this process so far. Major faults read a page back from disk: on this VM
-    a DAMON "pageout" scheme evicts cold file-backed pages (memory-mapped weights, library code), and a step
-    that has to fault them back in runs single-threaded and many times slower."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_majflt, usage.ru_minflt
-
-
 def materialize_weights(model) -> int:
     """Copy every parameter and buffer still backed by the memory-mapped safetensors file into anonymous memory.
 
@@ -191,7 +194,7 @@ def speed_probe(reps: int = 12) -> float:
     competition (the host's), and the same step has been seen to take from 1x to 6x its quiet time within
     minutes. A step time divided by the probe time is comparable across runs made at different moments.
     """
-    import torch
+    import torch  # see the module docstring
 
     a = torch.randn(1024, 1024)
     b = torch.randn(1024, 1024)
@@ -214,7 +217,11 @@ def ru_maxrss_mib() -> float:
 
 @dataclass(frozen=True)
 class BenchModel:
-    """A Mistral-shaped causal LM with random weights: GQA, untied head, Mistral-7B's module names."""
+    """The shape of the CPU benchmark model: Mistral-shaped (GQA, untied head, Mistral-7B's module names).
+
+    Only the numbers live here (they go into every results JSON); the config itself comes from the course's one
+    builder of Mistral configs, :func:`helpers.architectures.mistral_config` (see :func:`bench_config`).
+    """
 
     hidden_size: int = 512
     intermediate_size: int = 1792  # 3.5 x hidden, Mistral-7B's ratio (14336 / 4096)
@@ -226,19 +233,14 @@ class BenchModel:
     seed: int = 0
 
 
-def mistral_config(spec: BenchModel, tokenizer):
-    """The ``MistralConfig`` of ``spec`` (vocabulary must cover the tokenizer)."""
-    from transformers import MistralConfig
+def bench_config(spec: BenchModel, tokenizer):
+    """The ``MistralConfig`` of ``spec`` with the tokenizer's special ids (its vocabulary must cover the tokenizer)."""
+    from helpers.architectures import SHAPE_KEYS, mistral_config  # imports transformers (module docstring)
 
     if spec.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {spec.vocab_size} does not cover the tokenizer's {len(tokenizer)} tokens")
-    return MistralConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
+    return mistral_config(
+        {key: getattr(spec, key) for key in SHAPE_KEYS},
         max_position_embeddings=spec.max_position_embeddings,
         sliding_window=None,
         tie_word_embeddings=False,
@@ -261,7 +263,7 @@ def build_bench_model(folder: Path, spec: BenchModel = BenchModel()) -> dict[str
     from transformers import MistralForCausalLM
 
     tokenizer = bench_tokenizer()
-    config = mistral_config(spec, tokenizer)
+    config = bench_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = MistralForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -311,50 +313,25 @@ def bench_profile(*, seq_len: int, batch: int, steps: int, four_bit: bool, lora_
     return profile.replace("dpo", max_length=seq_len, loss_type=("sigmoid",), loss_weights=None)
 
 
-BENCH_OVERRIDES = {"save_strategy": "no", "disable_tqdm": True, "report_to": "none"}
+BENCH_OVERRIDES = {"save_strategy": "no"}  # nothing is saved: a checkpoint's write time is not a step's
 
 
-def set_cpu_nf4_packing(model, enabled: bool) -> int:
-    """Allow or forbid bitsandbytes' CPU packing of NF4 weights on every ``Linear4bit`` of ``model``; returns how many.
+def allow_cpu_nf4_packing(model) -> int:
+    """Let bitsandbytes repack ``model``'s 4-bit weights for its CPU inference kernel again; returns how many layers.
 
-    bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a 4-bit layer's weight, permanently, the first time the
-    layer runs in eval mode on an input without grad, and from then on uses a fast inference kernel
-    (``gemv_4bit``) that has no autograd formula: a later training step gets *no gradient through the frozen
-    base weights* (PyTorch only warns "an autograd kernel was not registered"). A model loaded with
-    from_pretrained is in eval mode, so anything that runs it under no_grad before training - TRL's
-    ``precompute_ref_log_probs`` pass, an evaluation - silently breaks the backward pass, and makes it faster.
-    The benchmarks forbid it so that every configuration trains with the same, correct kernels.
+    Only for the benchmarks that show what that packing does (``cpu_nf4_packing_check``, ``quantization``'s packed
+    forward, ``reference_model --allow-cpu-packing``). The course forbids it (helpers.loading.forbid_cpu_nf4_packing,
+    applied by load_model and build_trainer on CPU) because the packed kernel has no backward. This puts back
+    bitsandbytes' own default for its own switch, ``Linear4bit.support_avx512bf16_for_cpu``: on exactly when the
+    CPU has AVX512-BF16 (``bitsandbytes.functional.has_avx512bf16()``), as ``Linear4bit.__init__`` sets it.
     """
-    layers = _bnb_4bit_layers(model)
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for module in layers:
-        module.support_avx512bf16_for_cpu = enabled and _cpu_has_avx512_bf16()
+        module.support_avx512bf16_for_cpu = bool(has_avx512bf16())
     return len(layers)
-
-
-def _bnb_4bit_layers(model) -> list:
-    """bitsandbytes' own Linear4bit modules (not PEFT's LoRA wrappers, which share the class name)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        return bool(has_avx512bf16())
-    except ImportError:
-        return False
-
-
-def packed_nf4_layers(model) -> int:
-    """How many 4-bit layers of ``model`` bitsandbytes has repacked for its CPU inference kernel (see above)."""
-    return sum(
-        bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
-        for m in _bnb_4bit_layers(model)
-    )
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -406,59 +383,13 @@ def synthetic_pairs(tokenizer, n_pairs: int, seq_len: int, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
-# --------------------------------------------------------------------------------------------- timing
-
-
-def step_timer(sync_cuda: bool = False):
-    """A TrainerCallback that records the wall time (``.seconds``) and the CPU time of this process, all threads
-    together (``.cpu_seconds``), of every optimizer step.
-
-    On a machine shared with other work the wall time grows with the competition for the cores; the CPU time
-    much less (it still grows somewhat: caches are shared and idle worker threads spin), so both are kept.
-    ``sync_cuda``: wait for the GPU at both ends of a step, so that a step's time is its own.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.cpu_seconds: list[float] = []
-            self.major_faults: list[int] = []
-            self._t0 = self._c0 = 0.0
-            self._f0 = 0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if sync_cuda:
-                torch.cuda.synchronize()
-            self._t0, self._c0 = time.perf_counter(), time.process_time()
-            self._f0 = page_faults()[0]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if sync_cuda:
-                torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - self._t0)
-            self.cpu_seconds.append(time.process_time() - self._c0)
-            self.major_faults.append(page_faults()[0] - self._f0)
-
-    return StepTimer()
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 # --------------------------------------------------------------------------------------------- workers
 
 
 def prepare_worker_process(threads: int | None = None) -> None:
     """Offline environment and a fixed thread count (the notebooks use min(2, cores) on CPU)."""
-    os.environ.update(OFFLINE_ENV)
-    import torch
+    os.environ.update(WORKER_ENV)
+    import torch  # after the environment (see the module docstring)
 
     torch.set_num_threads(threads or max(1, min(2, os.cpu_count() or 1)))
     from helpers.notebook import quiet_libraries
@@ -473,24 +404,31 @@ def prepare_worker_process(threads: int | None = None) -> None:
 DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
 
 
-def run_worker(script: Path, job: dict[str, Any], timeout: float = 900,
+def run_worker(module: str, job: dict[str, Any], timeout: float = 900,
                omp_wait_policy: str | None = DEFAULT_OMP_WAIT_POLICY) -> dict[str, Any]:
-    """Run ``script --worker JSON`` in a fresh Python process; returns the JSON dict it prints on its last line.
+    """Run ``python -m MODULE --worker JSON`` in a fresh process from the repository root; returns the JSON dict it
+    prints on its last line, or ``{"error": ..., "log_tail": ...}`` when it fails or runs past ``timeout`` seconds.
 
-    ``omp_wait_policy``: OMP_WAIT_POLICY for the worker (None: inherit this process's environment).
+    ``module``: e.g. ``"benchmarks.reference_model"``. ``omp_wait_policy``: OMP_WAIT_POLICY for the worker (None:
+    inherit this process's environment).
     """
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, **WORKER_ENV}
     if omp_wait_policy:
         env["OMP_WAIT_POLICY"] = omp_wait_policy
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(script), "--worker", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=str(REPO_ROOT),
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--worker", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=str(REPO_ROOT),
+        )
+    except subprocess.TimeoutExpired as exc:
+        tail = "\n".join((_text(exc.stdout) + _text(exc.stderr)).splitlines()[-30:])
+        return {"error": f"worker ran past its {timeout:.0f} s limit and was stopped", "log_tail": tail,
+                "process_seconds": round(time.perf_counter() - started, 1)}
     wall = time.perf_counter() - started
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -501,17 +439,25 @@ def run_worker(script: Path, job: dict[str, Any], timeout: float = 900,
     return result
 
 
+def _text(output: str | bytes | None) -> str:
+    """A subprocess's captured output as text (TimeoutExpired may hold bytes even in text mode)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
 def worker_entry(argv: list[str], work) -> bool:
     """If ``argv`` is ``--worker JSON``: run ``work(job)`` and print its result as one JSON line; True when it did."""
     if len(argv) >= 2 and argv[0] == "--worker":
         result = work(json.loads(argv[1]))
         result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default (ACTIVE)")
-        print(json.dumps(result), flush=True)
+        print(json.dumps(result, default=str), flush=True)
         return True
     return False
 
 
 def temp_folder(prefix: str) -> Path:
+    """A new empty folder in the system's temporary directory (the caller removes it)."""
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
@@ -537,18 +483,15 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> 
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``benchmarks/results/NAME.json`` (machine info and load average included)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+    """Write ``benchmarks/results/NAME.json`` atomically (a run killed while writing leaves the old file whole)."""
+    return write_json_atomically(RESULTS_DIR / f"{name}.json", payload)
 
 
 # --------------------------------------------------------------------------------------------- one DPO run
 
 REFERENCE_MODES = {
     "separate_ref": "(a) a second, separately loaded model as ref_model (the seed's first version)",
-    "peft_ref": "(b) ref_model=None: the policy with its LoRA adapter switched off (helpers.training.make_trainer)",
+    "peft_ref": "(b) ref_model=None: the policy with its LoRA adapter switched off (helpers.training.build_trainer)",
     "peft_precompute": "(c) (b) + precompute_ref_log_probs=True: reference log-probs computed once, before training",
 }
 
@@ -557,22 +500,25 @@ def dpo_worker(job: dict[str, Any]) -> dict[str, Any]:
     """One DPO training run on the benchmark model, in this (fresh) process; returns timings and memory.
 
     ``job``: model_dir, mode (a key of REFERENCE_MODES), seq_len, batch, warmup, steps, four_bit, lora_r,
-    checkpointing. Memory: ``VmHWM`` (peak RSS) read at each phase; the mark is reset just before training, so
-    ``peak_train_mib`` is the peak while the models, adapter, optimizer and activations are all alive.
+    checkpointing, cpu_packing. The trainer is the course's (helpers.training.build_trainer); (a) passes it a
+    second loaded copy as ``ref_model``. Memory: ``VmHWM`` (peak RSS) read at each phase; the mark is reset just
+    before training, so ``peak_train_mib`` is the peak while the models, adapter, optimizer and activations are
+    all alive.
     """
     t_start = time.perf_counter()
     prepare_worker_process(job.get("threads"))
-    import torch
-    from trl import DPOTrainer
+    import torch  # after prepare_worker_process, like the helpers below (see the module docstring)
 
-    from helpers.loading import load_model, load_tokenizer
-    from helpers.lora import lora_config
-    from helpers.training import dpo_config, make_trainer
+    from helpers.loading import load_model, load_tokenizer, packed_nf4_layers
+    from helpers.progress import StepTimer, median
+    from helpers.training import build_trainer
 
     out: dict[str, Any] = {"job": job, "loadavg_start": loadavg()}
     out["import_seconds"] = round(time.perf_counter() - t_start, 1)
     out["rss_after_imports_mib"] = rss_mib()
     mode, warmup, steps = job["mode"], job["warmup"], job["steps"]
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(REFERENCE_MODES)}")
     profile = bench_profile(
         seq_len=job["seq_len"], batch=job["batch"], steps=warmup + steps, four_bit=job["four_bit"],
         lora_r=job.get("lora_r", 16), checkpointing=job.get("checkpointing", True),
@@ -582,16 +528,19 @@ def dpo_worker(job: dict[str, Any]) -> dict[str, Any]:
     dataset = synthetic_pairs(tokenizer, job["batch"] * (warmup + steps), job["seq_len"])
 
     t0 = time.perf_counter()
-    model = load_model(profile, source=source)
+    model = load_model(profile, source=source)  # on CPU, load_model forbids bitsandbytes' NF4 packing itself
     ref_model = load_model(profile, source=source) if mode == "separate_ref" else None
     out["load_seconds"] = round(time.perf_counter() - t0, 1)
     out["rss_after_load_mib"] = rss_mib()
     out["model_footprint_mib"] = model.get_memory_footprint() / MIB
-    out["cpu_nf4_packing_allowed"] = bool(job.get("cpu_packing", False))
+    on_cpu = not torch.cuda.is_available()
+    allow_packing = bool(job.get("cpu_packing", False)) and on_cpu
+    out["cpu_nf4_packing_allowed"] = allow_packing
     out["materialized_mib"] = 0.0
     for m in (model, ref_model):
-        if m is not None and not torch.cuda.is_available():
-            set_cpu_nf4_packing(m, out["cpu_nf4_packing_allowed"])
+        if m is not None and on_cpu:
+            if allow_packing:
+                allow_cpu_nf4_packing(m)
             out["materialized_mib"] += materialize_weights(m) / MIB
     out["rss_after_materialize_mib"] = rss_mib()
 
@@ -600,26 +549,18 @@ def dpo_worker(job: dict[str, Any]) -> dict[str, Any]:
         overrides["precompute_ref_log_probs"] = True
     output_dir = temp_folder("bench-dpo-")
     t0 = time.perf_counter()
-    if mode == "separate_ref":
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=dpo_config(profile, output_dir, **overrides),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(profile),
-        )
-    elif mode in ("peft_ref", "peft_precompute"):
-        trainer = make_trainer(profile, model, tokenizer, dataset, output_dir, **overrides)
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
+    trainer = build_trainer(profile, model, tokenizer, dataset, output_dir, progress=False, ref_model=ref_model,
+                            **overrides)
+    if allow_packing:  # build_trainer forbade it again on the policy (after (c)'s precompute pass had run)
+        allow_cpu_nf4_packing(trainer.model)
     out["trainer_setup_seconds"] = round(time.perf_counter() - t0, 1)  # includes the precompute pass in (c)
     out["rss_after_setup_mib"] = rss_mib()
     out["peak_setup_mib"] = peak_rss_mib()  # loading + trainer set-up (+ precompute)
     out["ref_model_is_separate"] = trainer.ref_model is not None
+    out["adapter_dtypes"] = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
     out["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
-    timer = step_timer()
+    timer = StepTimer()
     trainer.add_callback(timer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -635,13 +576,15 @@ def dpo_worker(job: dict[str, Any]) -> dict[str, Any]:
     if torch.cuda.is_available():
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
     out["policy_packed_nf4_layers"] = packed_nf4_layers(trainer.model)  # > 0: the backward pass was wrong
+    timed = timer.seconds[warmup:] or timer.seconds
+    timed_cpu = timer.cpu_seconds[warmup:] or timer.cpu_seconds
     out["step_seconds_all"] = [round(s, 2) for s in timer.seconds]
     out["cpu_seconds_all"] = [round(s, 2) for s in timer.cpu_seconds]
     out["major_faults_per_step"] = timer.major_faults
-    out["seconds_per_step"] = median(timer.seconds[warmup:] or timer.seconds)
-    out["cpu_seconds_per_step"] = median(timer.cpu_seconds[warmup:] or timer.cpu_seconds)
-    out["min_seconds_per_step"] = min(timer.seconds[warmup:] or timer.seconds)  # least disturbed by other work
-    out["min_cpu_seconds_per_step"] = min(timer.cpu_seconds[warmup:] or timer.cpu_seconds)
+    out["seconds_per_step"] = timer.seconds_per_step(warmup)
+    out["cpu_seconds_per_step"] = median(timed_cpu)
+    out["min_seconds_per_step"] = min(timed)  # least disturbed by other work
+    out["min_cpu_seconds_per_step"] = min(timed_cpu)
     out["tokens_per_step"] = 2 * job["batch"] * job["seq_len"]
     out["loadavg_end"] = loadavg()
     out["worker_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -11,9 +11,12 @@ the work (all later cells), the slowest cells, and the peak memory: the resident
 process tree (the kernel and anything it starts), sampled every 0.1 s with psutil, plus the kernel's own exact
 peak (VmHWM). Target on 2 cores: all notebooks together <= 4 minutes.
 
-    .venv/bin/python benchmarks/course_time.py                  # every notebook, in name order
-    .venv/bin/python benchmarks/course_time.py --quick          # 01-03 only (no training)
-    .venv/bin/python benchmarks/course_time.py --max-load 2.5   # refuse to start on a busy machine
+    .venv/bin/python -m benchmarks.course_time                  # every notebook, in name order
+    .venv/bin/python -m benchmarks.course_time --quick          # 01-03 only (no training)
+    .venv/bin/python -m benchmarks.course_time --max-load 2.5   # refuse to start on a busy machine
+
+torch is imported only after this process has set the kernels' environment (threads, OpenMP wait policy), so the
+speed probe it runs before and after measures under the same settings as the notebooks.
 """
 
 from __future__ import annotations
@@ -27,16 +30,18 @@ import threading
 import time
 from pathlib import Path
 
-import _common as C
+from benchmarks import _common as C
+from helpers.paths import OFFLINE_ENV, REPO_ROOT, display_path
 
 NAME = "course_time"
 TARGET_SECONDS = 240
-NOTEBOOKS_DIR = C.REPO_ROOT / "notebooks"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 QUICK = ("01_", "02_", "03_")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="notebooks 01-03 only (they train nothing)")
     parser.add_argument("--only", default=None, help="comma-separated name prefixes, e.g. 04,05")
     parser.add_argument("--max-load", type=float, default=None, help="refuse to start above this 1-minute load")
@@ -191,25 +196,25 @@ def main(argv: list[str]) -> int:
 
     out_dir = C.temp_folder("bench-course-outputs-")
     env = {
-        **C.OFFLINE_ENV,
+        **OFFLINE_ENV,
         "COURSE_OUTPUT_DIR": str(out_dir),
-        "PYTHONPATH": str(C.REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-        "JUPYTER_PATH": str(C.REPO_ROOT / ".venv" / "share" / "jupyter"),
+        "JUPYTER_PATH": str(REPO_ROOT / ".venv" / "share" / "jupyter"),
     }
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     os.environ.update(env)
     os.environ.pop("TQDM_DISABLE", None)  # keep the notebooks' own behaviour
-    import torch
+    import torch  # only now: after the environment above (see the module docstring)
 
     torch.set_num_threads(2)
     probe_before = C.speed_probe()
     started = time.perf_counter()
     t0 = time.perf_counter()
-    build = subprocess.run([sys.executable, "-m", "helpers", "build-tiny", "--quiet"], cwd=C.REPO_ROOT,
+    build = subprocess.run([sys.executable, "-m", "helpers", "build-tiny", "--quiet"], cwd=REPO_ROOT,
                            capture_output=True, text=True)
     tiny_seconds = time.perf_counter() - t0
     if build.returncode != 0:
@@ -265,7 +270,7 @@ def main(argv: list[str]) -> int:
           + ("MET" if verdict["met"] else "NOT MET" if complete else "(partial run, not judged)"))
     print(f"load average: start {load_start}, end {payload['loadavg_end']} ({payload['load_note']}); speed probe "
           f"{probe_before:.2f} s before, {probe_after:.2f} s after (0.24 s when the machine was calm)")
-    print(f"wrote {path.relative_to(C.REPO_ROOT)}")
+    print(f"wrote {display_path(path)}")
     return 0 if not any(r["error"] for r in rows) else 1
 
 

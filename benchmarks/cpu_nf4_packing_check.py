@@ -5,10 +5,11 @@ the first time the layer runs in eval mode on an input without grad, and from th
 weights - and runs faster. TRL's ``precompute_ref_log_probs`` pass does exactly that first eval forward.
 
 Three LoRA gradients of the same small NF4 Mistral on the same batch: (1) never packed, (2) after one eval
-no-grad forward (packed), (3) the same with packing forbidden (benchmarks/_common.set_cpu_nf4_packing).
-Not a timing: prints the gradient differences and writes results/cpu_nf4_packing_check.json.
+no-grad forward with bitsandbytes' default (packing allowed: packed), (3) the same with packing forbidden, as the
+course does (helpers.loading.forbid_cpu_nf4_packing). Not a timing: prints the gradient differences and writes
+results/cpu_nf4_packing_check.json.
 
-    .venv/bin/python benchmarks/cpu_nf4_packing_check.py
+    .venv/bin/python -m benchmarks.cpu_nf4_packing_check
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ import copy
 import sys
 import warnings
 
-import _common as C
+import torch
+from peft import LoraConfig, get_peft_model
+
+from benchmarks import _common as C
+from benchmarks.gpu import build_nf4_mistral, mistral_7b_config
+from helpers.loading import forbid_cpu_nf4_packing, packed_nf4_layers
 
 NAME = "cpu_nf4_packing_check"
 
 
 def main() -> int:
+    """Measure the three gradients, print them and write the results file."""
     C.prepare_worker_process()
-    import gpu_reference_model as G
-    import torch
-    from peft import LoraConfig, get_peft_model
-
     tokenizer = C.bench_tokenizer()
-    config = G.mistral_7b_like(tokenizer, quick_shape=True)
-    base = G.build_nf4_mistral(config, device="cpu", compute_dtype=torch.float32)
+    config = mistral_7b_config(tokenizer, test_mode=True)
+    base = build_nf4_mistral(config, device="cpu", dtype=torch.float32)
     lora = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(3))
@@ -39,12 +42,14 @@ def main() -> int:
     def lora_grads(eval_forward_first: bool, forbid_packing: bool) -> dict:
         model = copy.deepcopy(base)
         if forbid_packing:
-            C.set_cpu_nf4_packing(model, False)
+            forbid_cpu_nf4_packing(model)
+        else:  # bitsandbytes' own default, set explicitly: the packing this script shows (see C.allow_cpu_nf4_packing)
+            C.allow_cpu_nf4_packing(model)
         if eval_forward_first:
             model.eval()
             with torch.no_grad():
                 model(input_ids=ids[:, :8])
-        packed = C.packed_nf4_layers(model)
+        packed = packed_nf4_layers(model)
         torch.manual_seed(0)
         model = get_peft_model(model, lora)
         for name, param in model.named_parameters():
@@ -84,8 +89,8 @@ def main() -> int:
                "layers is wrong" if packed["packed_layers"] and worst(packed) > 1e-3 else
                "no packing on this machine (or no gradient change): nothing to see here")
     print("\n" + verdict + (f"; PyTorch warned: {sorted(caught)}" if caught else ""))
-    C.write_result(NAME, {"benchmark": NAME, "machine": C.machine_info(), "rows": rows, "verdict": verdict,
-                          "torch_warnings": sorted(caught)})
+    C.write_result(NAME, {"benchmark": NAME, "command": f"python -m benchmarks.{NAME}", "machine": C.machine_info(),
+                          "rows": rows, "verdict": verdict, "torch_warnings": sorted(caught)})
     return 0
 
 

@@ -6,8 +6,8 @@ parallel region can cost a scheduler time slice. PASSIVE lets waiting threads sl
 of reference_model.py (the course's: 4-bit NF4, ref_model=None) alternately with ACTIVE and PASSIVE, each in a
 fresh process, and reports the step times and the speed probe of each run.
 
-    .venv/bin/python benchmarks/omp_wait_policy.py            # ACTIVE, PASSIVE, PASSIVE, ACTIVE
-    .venv/bin/python benchmarks/omp_wait_policy.py --quick    # ACTIVE, PASSIVE
+    .venv/bin/python -m benchmarks.omp_wait_policy            # ACTIVE, PASSIVE, PASSIVE, ACTIVE
+    .venv/bin/python -m benchmarks.omp_wait_policy --quick    # ACTIVE, PASSIVE
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import argparse
 import shutil
 import sys
 import time
-from pathlib import Path
 
-import _common as C
+from benchmarks import _common as C
+from helpers.progress import median
 
 NAME = "omp_wait_policy"
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     order = ["ACTIVE", "PASSIVE"] if args.quick else ["ACTIVE", "PASSIVE", "PASSIVE", "ACTIVE"]
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
             job = {"model_dir": str(folder), "mode": "peft_ref", "seq_len": 128, "batch": 2, "warmup": 1,
                    "steps": 3, "four_bit": True, "lora_r": 16}
             print(f"running (b) with OMP_WAIT_POLICY={policy} ...", flush=True)
-            r = C.run_worker(Path(__file__), job, omp_wait_policy=policy)
+            r = C.run_worker(f"benchmarks.{NAME}", job, omp_wait_policy=policy)
             r["policy"] = policy
             runs.append(r)
             if "error" in r:
@@ -58,11 +59,8 @@ def main(argv: list[str]) -> int:
     for policy in ("ACTIVE", "PASSIVE"):
         mine = [row["seconds_per_step"] for row in rows if row["policy"] == policy]
         if mine:
-            summary[policy] = C.median(mine)
-    command = "python benchmarks/omp_wait_policy.py" + (" --quick" if args.quick else "")
-    payload = {"benchmark": NAME, "command": command,
-               "machine": C.machine_info(), "loadavg_start": load_start, "loadavg_end": C.loadavg(),
-               "load_note": C.load_note(load_start), "wall_seconds": round(time.perf_counter() - started, 1),
+            summary[policy] = median(mine)
+    payload = {**C.run_header(NAME, argv, load_start, started),
                "model": facts, "runs": runs, "rows": rows, "median_seconds_per_step": summary}
     C.write_result(NAME, payload)
     print()

@@ -6,8 +6,8 @@
   projections), causal-LM loss, no gradient checkpointing;
 - accuracy: the largest absolute logit difference against fp32 on the same input (and the logits' own scale).
 
-    .venv/bin/python benchmarks/quantization.py            # 2 x 256 tokens per step
-    .venv/bin/python benchmarks/quantization.py --quick    # 1 x 128 tokens, 4 layers, one timed step
+    .venv/bin/python -m benchmarks.quantization            # 2 x 256 tokens per step
+    .venv/bin/python -m benchmarks.quantization --quick    # 1 x 128 tokens, 4 layers, one timed step
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import _common as C
+from benchmarks import _common as C
+from helpers.paths import display_path
 
 NAME = "quantization"
 VARIANTS = {
@@ -30,7 +31,8 @@ VARIANTS = {
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256; quick 128)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 2; quick 1)")
@@ -43,12 +45,12 @@ def worker(job: dict) -> dict:
     """Load one variant, record its memory, its logits on a fixed input, and time LoRA training steps."""
     t_start = time.perf_counter()
     C.prepare_worker_process()
-    import torch
+    import torch  # after prepare_worker_process, like the libraries below (see benchmarks/_common.py)
     from peft import get_peft_model
 
-    from helpers.loading import load_model
+    from helpers.loading import load_model, packed_nf4_layers, quant_state_bytes
     from helpers.lora import lora_config
-    from helpers.memory import quant_state_bytes
+    from helpers.progress import major_page_faults, median
 
     out: dict = {"job": job, "loadavg_start": C.loadavg(), "rss_after_imports_mib": C.rss_mib()}
     variant = job["variant"]
@@ -64,8 +66,7 @@ def worker(job: dict) -> dict:
     out["quant_state_mib"] = quant_state_bytes(model) / C.MIB if variant == "nf4" else 0.0
     out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     # bitsandbytes would repack NF4 weights for its CPU inference kernel on the eval forward below, and that kernel
-    # has no backward (see _common.set_cpu_nf4_packing): forbid it until the training steps are done.
-    C.set_cpu_nf4_packing(model, False)
+    # has no backward: load_model has forbidden it (helpers.loading.forbid_cpu_nf4_packing) until the steps are done.
     out["materialized_mib"] = C.materialize_weights(model) / C.MIB  # see _common.materialize_weights
 
     generator = torch.Generator().manual_seed(1)
@@ -87,34 +88,34 @@ def worker(job: dict) -> dict:
     out["speed_probe_before"] = C.speed_probe()
     C.reset_peak_rss()
     for _ in range(job["warmup"] + job["steps"]):
-        t0, c0, f0 = time.perf_counter(), time.process_time(), C.page_faults()[0]
+        t0, c0, f0 = time.perf_counter(), time.process_time(), major_page_faults()
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         seconds.append(time.perf_counter() - t0)
         cpu_seconds.append(time.process_time() - c0)
-        faults.append(C.page_faults()[0] - f0)
+        faults.append(major_page_faults() - f0)
     out["peak_train_mib"] = C.peak_rss_mib()
     out["speed_probe_after"] = C.speed_probe()
     out["ru_maxrss_mib"] = C.ru_maxrss_mib()
     out["loss"] = float(loss)
     if variant == "nf4":  # what inference on this CPU uses (notebook 02): the packed kernel, where bitsandbytes has it
         base = model.get_base_model()
-        C.set_cpu_nf4_packing(base, True)
+        C.allow_cpu_nf4_packing(base)  # bitsandbytes' own default back, for this inference-only forward
         base.eval()
         with torch.no_grad(), model.disable_adapter():
             t0 = time.perf_counter()
             packed_logits = model(input_ids=probe).logits.float()
             out["packed_forward_seconds"] = time.perf_counter() - t0
-        out["packed_layers"] = C.packed_nf4_layers(base)
+        out["packed_layers"] = packed_nf4_layers(base)
         if out["packed_layers"]:
             torch.save(packed_logits, job["logits_path"].replace(".pt", "-packed.pt"))
     out["step_seconds_all"] = [round(s, 2) for s in seconds]
     out["cpu_seconds_all"] = [round(s, 2) for s in cpu_seconds]
     out["major_faults_per_step"] = faults
-    out["seconds_per_step"] = C.median(seconds[job["warmup"]:] or seconds)
-    out["cpu_seconds_per_step"] = C.median(cpu_seconds[job["warmup"]:] or cpu_seconds)
+    out["seconds_per_step"] = median(seconds[job["warmup"]:] or seconds)
+    out["cpu_seconds_per_step"] = median(cpu_seconds[job["warmup"]:] or cpu_seconds)
     out["min_seconds_per_step"] = min(seconds[job["warmup"]:] or seconds)
     out["loadavg_end"] = C.loadavg()
     out["worker_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
                    "warmup": args.warmup, "steps": steps, "token_range": facts["tokenizer_tokens"],
                    "logits_path": str(folder / f"logits-{variant}.pt")}
             print(f"running {variant}: {VARIANTS[variant]} ...", flush=True)
-            r = C.run_worker(Path(__file__), job)
+            r = C.run_worker(f"benchmarks.{NAME}", job)
             results[variant] = r
             if "error" in r:
                 print(f"  FAILED: {r['error']}\n{r['log_tail']}", flush=True)
@@ -171,7 +172,7 @@ def main(argv: list[str]) -> int:
     for line in payload["statements"]:
         print("- " + line)
     print(f"\nload average: start {load_start}, end {payload['loadavg_end']} ({payload['load_note']})")
-    print(f"wrote {path.relative_to(C.REPO_ROOT)} in {payload['wall_seconds']:.0f} s")
+    print(f"wrote {display_path(path)} in {payload['wall_seconds']:.0f} s")
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
@@ -245,9 +246,10 @@ def make_rows(results: dict) -> list[dict]:
 
 def mistral_7b_nf4_share() -> tuple[float, float]:
     """(embedding + lm_head share of Mistral-7B's parameters, NF4 bytes / bf16 bytes), counted on a meta model."""
-    from helpers.memory import meta_model, mistral_7b_config, weight_bytes
+    from helpers.architectures import meta_model, openhermes_config
+    from helpers.loading import weight_bytes
 
-    model = meta_model(mistral_7b_config())
+    model = meta_model(openhermes_config())
     total = sum(p.numel() for p in model.parameters())
     ends = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     return ends / total, weight_bytes(model, 4) / weight_bytes(model, 16)
@@ -277,7 +279,7 @@ def statements(rows: list[dict]) -> list[str]:
             f"its constants ({n['with_quant_state_mib'] / f['footprint_mib']:.2f} x). NF4 stores only the decoder's "
             "linear layers in 4 bits; the embeddings and lm_head stay in the compute dtype (fp32 on CPU), and with "
             "a 32,000-token vocabulary on a small model they are most of what remains - on Mistral-7B they are "
-            f"{share:.1%} of the parameters, so there NF4 weights are {ratio:.2f} x bf16 (helpers.memory). "
+            f"{share:.1%} of the parameters, so there NF4 weights are {ratio:.2f} x bf16 (helpers.loading). "
             f"Peak RSS during the LoRA steps: fp32 {f['peak_train_mib']:.0f}, bf16 {b['peak_train_mib']:.0f}, NF4 "
             f"{n['peak_train_mib']:.0f} MiB - "
             + ("NF4's peak is the highest although its stored weights are smaller: the step's transient memory on "

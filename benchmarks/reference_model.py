@@ -2,15 +2,18 @@
 
 (a) ``separate_ref``: a second copy of the base model loaded as ``ref_model`` (the seed's first version);
 (b) ``peft_ref``: ``ref_model=None``, the reference is the policy with its LoRA adapter switched off
-    (``helpers.training.make_trainer``, what the course does);
+    (``helpers.training.build_trainer``, what the course does);
 (c) ``peft_precompute``: (b) + ``precompute_ref_log_probs=True``: the reference log-probs are computed in one
     pass before training, so a training step has no reference forward at all.
 
 Reports seconds per step, peak memory (peak RSS while training; on CUDA also max allocated) and the ratios
 against (a). Targets: (b) <= 0.6 x the peak memory of (a); (c) >= 1.2 x the steps per second of (b).
 
-    .venv/bin/python benchmarks/reference_model.py            # ~3 min on a loaded 2-core machine
-    .venv/bin/python benchmarks/reference_model.py --quick    # smaller model and shorter sequences
+    .venv/bin/python -m benchmarks.reference_model            # ~3 min on a loaded 2-core machine
+    .venv/bin/python -m benchmarks.reference_model --quick    # smaller model and shorter sequences
+
+(run from the repository root; every configuration trains with helpers.training.build_trainer, (a) with
+``ref_model=`` a second loaded copy)
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-import _common as C
+from benchmarks import _common as C
+from helpers.paths import display_path
+from helpers.progress import median
 
 NAME = "reference_model"
 MEMORY_TARGET = 0.6  # (b) peak / (a) peak
@@ -30,7 +34,8 @@ SPEED_TARGET = 1.2  # (c) steps/s / (b) steps/s
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 layers, 128 tokens, one timed step")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; quick 96)")
     parser.add_argument("--batch", type=int, default=2, help="pairs per step (each pair = 2 sequences)")
@@ -43,7 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "and pool their timed steps: on a shared machine this spreads the disturbances over all")
     parser.add_argument("--allow-cpu-packing", action="store_true",
                         help="let bitsandbytes repack NF4 weights for its CPU inference kernel (breaks the backward "
-                        "pass after (c)'s precompute; see _common.set_cpu_nf4_packing)")
+                        "pass after (c)'s precompute; see helpers.loading.forbid_cpu_nf4_packing)")
     return parser.parse_args(argv)
 
 
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> int:
                        "warmup": warmup, "steps": steps, "four_bit": not args.fp32, "lora_r": 16,
                        "cpu_packing": args.allow_cpu_packing}
                 print(f"running {mode}: {C.REFERENCE_MODES[mode]} ...", flush=True)
-                r = C.run_worker(Path(__file__), job)
+                r = C.run_worker(f"benchmarks.{NAME}", job)
                 runs[mode].append(r)
                 report(r)
         results = {mode: pool(mode_runs) for mode, mode_runs in runs.items()}
@@ -100,7 +105,7 @@ def main(argv: list[str]) -> int:
     for line in summary["statements"]:
         print("- " + line)
     print(f"\nload average: start {load_start}, end {payload['loadavg_end']} ({payload['load_note']})")
-    print(f"wrote {path.relative_to(C.REPO_ROOT)} in {payload['wall_seconds']:.0f} s")
+    print(f"wrote {display_path(path)} in {payload['wall_seconds']:.0f} s")
     return 0 if all("error" not in r for r in results.values()) else 1
 
 
@@ -123,11 +128,11 @@ def pool(runs: list[dict]) -> dict:
     warmup = ok[0]["job"]["warmup"]
     wall = [s for r in ok for s in r["step_seconds_all"][warmup:]]
     cpu = [s for r in ok for s in r["cpu_seconds_all"][warmup:]]
-    merged.update(seconds_per_step=C.median(wall), min_seconds_per_step=min(wall), cpu_seconds_per_step=C.median(cpu),
+    merged.update(seconds_per_step=median(wall), min_seconds_per_step=min(wall), cpu_seconds_per_step=median(cpu),
                   min_cpu_seconds_per_step=min(cpu))
     for key in ("peak_train_mib", "rss_after_imports_mib", "rss_after_setup_mib", "rss_after_load_mib",
                 "speed_probe_before", "speed_probe_after", "trainer_setup_seconds", "load_seconds"):
-        merged[key] = C.median([r[key] for r in ok])
+        merged[key] = median([r[key] for r in ok])
     merged["step_seconds_all"] = [s for r in ok for s in r["step_seconds_all"]]
     merged["runs"] = ok
     return merged

@@ -5,8 +5,8 @@ the course's configuration: ref_model=None with the adapter switched off, gradie
 Every point runs in a fresh process (so its peak RSS is its own). One pair (= a chosen and a rejected
 sequence of exactly that many tokens) per step. Writes results/scaling.json and results/scaling.png.
 
-    .venv/bin/python benchmarks/scaling.py            # 256, 512, 1024, 2048 tokens; ranks 8, 16, 64
-    .venv/bin/python benchmarks/scaling.py --quick    # lengths capped at 1024 (2048 is minutes per step here)
+    .venv/bin/python -m benchmarks.scaling            # 256, 512, 1024, 2048 tokens; ranks 8, 16, 64
+    .venv/bin/python -m benchmarks.scaling --quick    # lengths capped at 1024 (2048 is minutes per step here)
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import _common as C
+from benchmarks import _common as C
+from helpers.paths import display_path
 
 NAME = "scaling"
 BASE_RANK = 16  # the recipe's r
@@ -27,7 +28,8 @@ BASE_LENGTH = 256
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="cap the sequence length at 1024")
     parser.add_argument("--lengths", default=None, help="comma-separated lengths (default 256,512,1024,2048)")
     parser.add_argument("--ranks", default="8,16,64", help="comma-separated LoRA ranks, run at 256 tokens")
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> int:
             job = {"model_dir": str(folder), "mode": "peft_ref", "seq_len": seq_len, "batch": args.batch,
                    "warmup": args.warmup, "steps": args.steps, "four_bit": True, "lora_r": rank}
             print(f"running {seq_len} tokens, r={rank} ...", flush=True)
-            r = C.run_worker(Path(__file__), job, timeout=3600)
+            r = C.run_worker(f"benchmarks.{NAME}", job, timeout=3600)
             results[key] = r
             if "error" in r:
                 print(f"  FAILED: {r['error']}\n{r['log_tail']}", flush=True)
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> int:
             "step_memory_vs_length": growth(length_rows, "seq_len", "step_peak_above_setup_mib"),
         },
         "statements": statements,
-        "plot": str(png.relative_to(C.REPO_ROOT)) if png else None,
+        "plot": display_path(png) if png else None,
     }
     path = C.write_result(NAME, payload)
     print()
@@ -122,7 +124,7 @@ def main(argv: list[str]) -> int:
     for line in statements:
         print("- " + line)
     print(f"\nload average: start {load_start}, end {payload['loadavg_end']} ({payload['load_note']})")
-    print(f"wrote {path.relative_to(C.REPO_ROOT)}" + (f" and {payload['plot']}" if png else "")
+    print(f"wrote {display_path(path)}" + (f" and {payload['plot']}" if png else "")
           + f" in {payload['wall_seconds']:.0f} s")
     return 0 if all("error" not in r for r in results.values()) else 1
 
