@@ -39,8 +39,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """Train, merge and evaluate one run headless (helpers.pipeline.run_all), as notebooks 04-06 do step by step."""
     from helpers import standins
 
-    if args.standins:
-        os.environ[standins.STANDINS_ENV_VAR] = "1"
+    if args.standins and not standins.standins_active():
+        os.environ[standins.STANDINS_ENV_VAR] = "1"  # an explicit COURSE_STANDINS=real (full width) stays
     if standins.standins_active():
         standins.activate_standins()  # before any Hugging Face library is imported
         print(standins.standin_note(args.profile or os.environ.get("COURSE_PROFILE", "")))

@@ -389,26 +389,35 @@ def load_preference_data(
 
 @dataclass
 class PreparedData:
-    """ChatML-formatted train and held-out pairs (over-long pairs dropped) and the raw held-out rows."""
+    """ChatML-formatted train and held-out pairs (over-long pairs dropped from both) and the raw held-out rows."""
 
     train: datasets.Dataset
     heldout: datasets.Dataset
     heldout_rows: list[dict]
     length_report: LengthReport
+    heldout_report: LengthReport | None = None
 
 
 def prepare_data(profile: Profile, tokenizer, *, column_map: Mapping[str, str] | None = None) -> PreparedData:
     """Load the profile's preference data, format it in ChatML, drop pairs over the length limits.
 
-    Every training notebook and the pipeline start here, so they all train on exactly the same pairs. A split
-    left with no pairs after the length limits is refused, naming the limits.
+    Every training notebook and the pipeline start here, so they all train on exactly the same pairs. The held-out
+    pairs obey the same limits (a model is not evaluated on lengths it was never trained on, and one pair of 1,500
+    tokens would cost its length for the whole evaluation batch). A split left with no pairs is refused, naming the
+    limits.
     """
     splits = load_preference_data(profile, column_map=column_map)
+    limits = (profile.dpo.max_prompt_length, profile.dpo.max_length)
     train = format_dataset(splits["train"], tokenizer, split="train")
-    train, report = filter_by_length(train, tokenizer, profile.dpo.max_prompt_length, profile.dpo.max_length)
+    train, report = filter_by_length(train, tokenizer, *limits)
     _require_rows(len(train), f"the train split of profile {profile.name!r}", f" within the length limits ({report})")
     heldout = format_dataset(splits["heldout"], tokenizer, split="heldout")
-    return PreparedData(train, heldout, [dict(r) for r in splits["heldout"]], report)
+    heldout, heldout_report = filter_by_length(heldout.add_column("row", list(range(len(heldout)))), tokenizer, *limits)
+    _require_rows(len(heldout), f"the held-out split of profile {profile.name!r}",
+                  f" within the length limits ({heldout_report})")
+    raw = splits["heldout"]
+    rows = [dict(raw[i]) for i in heldout["row"]]
+    return PreparedData(train, heldout.remove_columns("row"), rows, report, heldout_report)
 
 
 def verify_checksums(data_dir: Path = DATA_DIR) -> dict[str, bool]:

@@ -48,44 +48,67 @@ RESULTS_FILENAME = "eval_results.json"
 # --- answer log-likelihoods and preference accuracy --------------------------------------------------------------
 
 
+LOGIT_BUDGET = 2**28  # logits per scoring batch (batch x tokens x vocabulary): 0.5 GiB in fp16, 1 GiB in fp32
+
+
+def _by_length(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first): padding costs little, results keep order.
+
+    ``max_tokens`` caps a batch's padded size (rows x longest row), so long rows come in smaller batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (
+            max_tokens is None or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens
+        ):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def answer_logprobs(
     model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihood of each answer given its prompt, summed over the answer's tokens only.
 
-    Prompt and answer are tokenised together and split where they diverge, as TRL's DPO trainer does. The
+    Prompt and answer are tokenised together and split where they diverge, as TRL's DPO trainer does. Sequences of
+    similar length are batched together (a long pair padded beside short ones would cost its length for all), and a
+    batch's logits stay within :data:`LOGIT_BUDGET` (Qwen2.5's 151,936-token vocabulary on a T4). The
     log-probabilities come from TRL's ``selective_log_softmax``, which gathers the chosen token's log-probability
     row by row instead of materialising a [batch, tokens, vocabulary] log-softmax in fp32 (3.9 GiB for 16 answers
     of 1,000 tokens with Mistral's 32,002-token vocabulary, beside two 7B models in evaluation).
-    Returns ``(sum_logps [N], answer_token_counts [N])``.
+    Returns ``(sum_logps [N], answer_token_counts [N])`` in the order of ``prompts``.
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     model.eval()
     device = next(model.parameters()).device
-    sums, counts = [], []
-    for start in range(0, len(prompts), batch_size):
-        rows, masks = [], []
-        for prompt, answer in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-            split = 0
-            while split < min(len(prompt_ids), len(full_ids)) and prompt_ids[split] == full_ids[split]:
-                split += 1
-            rows.append(full_ids)
-            masks.append([0] * split + [1] * (len(full_ids) - split))
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        answer_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)
+    rows, masks = [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        split = 0
+        while split < min(len(prompt_ids), len(full_ids)) and prompt_ids[split] == full_ids[split]:
+            split += 1
+        rows.append(full_ids)
+        masks.append([0] * split + [1] * (len(full_ids) - split))
+    sums, counts = torch.zeros(len(rows)), torch.zeros(len(rows))
+    pad = tokenizer.pad_token_id
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for batch in _by_length([len(r) for r in rows], batch_size, max_tokens=max(1, LOGIT_BUDGET // vocab)):
+        width = max(len(rows[i]) for i in batch)
+        input_ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in batch], device=device)
+        attention = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in batch], device=device)
+        answer_mask = torch.tensor([masks[i] + [0] * (width - len(masks[i])) for i in batch], device=device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]  # [B, T-1, V]
         logps = selective_log_softmax(logits, input_ids[:, 1:]).float()  # [B, T-1]
         mask = answer_mask[:, 1:].float()
-        sums.append((logps * mask).sum(1).cpu())
-        counts.append(mask.sum(1).cpu())
-    return torch.cat(sums), torch.cat(counts)
+        sums[batch] = (logps * mask).sum(1).cpu()
+        counts[batch] = mask.sum(1).cpu()
+    return sums, counts
 
 
 @dataclass
@@ -172,20 +195,22 @@ class Generation:
 def greedy_generate(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = GENERATION_BUDGET, batch_size: int = 16
 ) -> list[Generation]:
-    """Greedy answers (deterministic) to ChatML prompts, batched with left padding.
+    """Greedy answers (deterministic) to ChatML prompts, batched with left padding (prompts of similar length
+    together), returned in the order of ``prompts``.
 
     ``repetition_penalty=1.0`` is passed explicitly: a model's own generation_config may set another
-    (Qwen2.5-Instruct ships 1.05), and it would change even a greedy answer (sampling settings do not act when
-    ``do_sample=False``).
+    (Qwen2.5-Instruct's sets one above 1), and it would change even a greedy answer (sampling settings do not act
+    when ``do_sample=False``).
     """
     model.eval()
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    results: list[Generation] = []
+    results: list[Generation | None] = [None] * len(prompts)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
+        for batch in _by_length(lengths, batch_size):
+            chunk = [prompts[i] for i in batch]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(
                 **enc,
@@ -195,16 +220,16 @@ def greedy_generate(
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            for prompt, row in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
+            for i, prompt, row in zip(batch, chunk, out[:, enc["input_ids"].shape[1] :].tolist()):
                 ids = [t for t in row if t != tokenizer.pad_token_id]
                 ended = tokenizer.eos_token_id in ids
                 if ended:
                     ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
                 text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                results.append(Generation(prompt, text, ids, ended))
+                results[i] = Generation(prompt, text, ids, ended)
     finally:
         tokenizer.padding_side = side
-    return results
+    return [r for r in results if r is not None]
 
 
 def has_repetition_loop(token_ids: Sequence[int], n: int = 3, times: int = 3) -> bool:

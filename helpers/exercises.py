@@ -6,10 +6,11 @@ import math
 from typing import Any
 
 
-def check(name: str, answer: Any, expected: Any, *, tol: float = 0.0, hint: str = "") -> str:
-    """Compare ``answer`` with ``expected``; print and return a verdict, raise AssertionError when wrong.
+def check(name: str, answer: Any, expected: Any, *, tol: float = 0.0, hint: str = "") -> None:
+    """Compare ``answer`` with ``expected``; print the verdict once, raise AssertionError when wrong.
 
     Numbers match within ``tol`` (relative); anything else must be equal. ``None`` means "not done yet".
+    Nothing is returned: a returned string would be shown a second time as the cell's value.
     """
     if answer is None:
         raise AssertionError(f"{name}: not answered yet - replace the None with your answer. {hint}".strip())
@@ -25,4 +26,3 @@ def check(name: str, answer: Any, expected: Any, *, tol: float = 0.0, hint: str 
     else:
         raise AssertionError(f"{name}: {answer!r} is not right. {hint}".strip())
     print(verdict)
-    return verdict

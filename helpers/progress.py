@@ -7,8 +7,11 @@ course's comparisons, the benchmarks and the GPU measurement all read their seco
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import time
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +63,21 @@ def silence_trainer(trainer):
     for callback in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
         trainer.remove_callback(callback)
     return trainer
+
+
+@contextlib.contextmanager
+def no_bars() -> Iterator[None]:
+    """No tqdm bar from anything inside the block: TRL's "Computing reference log probs" bar, shown while a trainer
+    is built with ``precompute_ref_log_probs``, listens only to ``$TQDM_DISABLE``."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def major_page_faults() -> int:

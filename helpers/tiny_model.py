@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import datasets
 import tokenizers
 import torch
 import transformers
@@ -36,9 +37,10 @@ from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from helpers.architectures import mistral_config
-from helpers.paths import DATA_DIR, cache_dir
+from helpers.paths import DATA_DIR, cache_dir, display_path
 
 IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<pad>", "<unk>"
+BUILD_THREADS = 1  # torch threads while building: float sums in one order, so every machine builds the same weights
 
 # OpenHermes-2.5-Mistral-7B's chat template (ChatML), as published with that model.
 CHATML_TEMPLATE = (
@@ -177,7 +179,6 @@ def _instruction_tune(model, tokenizer, recipe: TinyRecipe, work_dir: Path, prog
         use_cpu=True,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
         logging_steps=50,
         save_strategy="no",
         report_to="none",
@@ -209,6 +210,19 @@ def build_tiny_model(
     target = tiny_model_dir(recipe)
     if (target / "config.json").exists() and not force:
         return target
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)  # the same weights on every machine: the sums run in one fixed order
+    try:
+        return _build(recipe, target, force=force, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(recipe: TinyRecipe, target: Path, *, force: bool, progress: bool) -> Path:
+    """Tokenizer, untrained model, SFT, save to a temporary folder, rename into ``target``."""
+    if not progress:
+        datasets.disable_progress_bars()  # "Dropping fully masked examples", one bar per call, in a log
+        hf_logging.disable_progress_bar()  # "Writing model shards"
     logging.getLogger("transformers").setLevel(logging.ERROR)
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
@@ -218,7 +232,7 @@ def build_tiny_model(
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
         work = Path(tmp)
         if progress:
-            print(f"building the tiny chat model ({model.num_parameters():,} parameters) in {target}")
+            print(f"building the tiny chat model ({model.num_parameters():,} parameters) in {display_path(target)}")
         losses = _instruction_tune(model, tokenizer, recipe, work, progress)
         out = work / "model"
         model.save_pretrained(out, safe_serialization=True)

@@ -9,7 +9,9 @@ that need a trained adapter. Both sides share everything but those few library c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import set_seed as hf_set_seed
 from trl import DPOConfig, DPOTrainer
 
@@ -26,12 +29,13 @@ from helpers.hardware import cuda_available, training_precision
 from helpers.loading import forbid_cpu_nf4_packing, load_model, load_tokenizer, model_source
 from helpers.lora import lora_config
 from helpers.profiles import Profile
-from helpers.progress import compact_progress, silence_trainer
+from helpers.progress import compact_progress, no_bars, silence_trainer
 from helpers.saving import latest_complete_checkpoint, save_atomically, write_json_atomically
 
 ADAPTER_DIRNAME = "adapter"
 CHECKPOINTS_DIRNAME = "checkpoints"
 HISTORY_FILENAME = "history.json"
+RUN_INFO_FILENAME = "run_info.json"  # how long training took and how many steps, written with the history
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
@@ -74,6 +78,9 @@ def dpo_config_kwargs(profile: Profile, output_dir: str | Path, **overrides: Any
         max_length=d.max_length,  # prompt + answer; TRL 1.x has no max_prompt_length (see helpers.chatml)
         loss_type=list(d.loss_type),
         loss_weights=list(d.loss_weights) if d.loss_weights else None,
+        # the reference (adapter off) scored once before training instead of at every step: tiny on CPU only
+        precompute_ref_log_probs=d.precompute_ref_log_probs,
+        precompute_ref_batch_size=64 if d.precompute_ref_log_probs else None,
         # logging and saving
         logging_steps=t.logging_steps,
         save_strategy="steps",
@@ -155,25 +162,39 @@ def build_trainer(
     """
     if not progress:
         overrides.setdefault("disable_tqdm", True)
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=dpo_config(profile, output_dir, **overrides),
-        train_dataset=pairs_only(train_dataset),
-        processing_class=tokenizer,
-        peft_config=lora_config(profile),
-    )
+    with contextlib.nullcontext() if progress else no_bars():  # the reference pass of precompute_ref_log_probs
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=dpo_config(profile, output_dir, **overrides),
+            train_dataset=pairs_only(train_dataset),
+            processing_class=tokenizer,
+            peft_config=lora_config(profile),
+        )
     return prepare_trainer(trainer, profile, progress=progress)
 
 
 @dataclass
 class TrainOutcome:
-    """What a training run produced."""
+    """What a training run produced: the trained (PEFT) model, its log, where the adapter is, how long it took.
+
+    ``trainer`` is None when the run was not trained now but read back from its run folder (:func:`train_dpo_once`).
+    """
 
     trainer: Any
     history: list[dict[str, float]]
     adapter_dir: Path
     seconds: float
+    model: Any = None
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.trainer is not None:
+            self.model = self.trainer.model
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps the run took."""
+        return int(self.history[-1]["step"]) if self.history else 0
 
 
 def resume_from(run_folder: str | Path, resume: bool | str) -> str | None:
@@ -200,7 +221,42 @@ def finish_run(trainer, profile: Profile, run_folder: str | Path, seconds: float
         adapter = run_folder / ADAPTER_DIRNAME
     if trainer.is_world_process_zero():
         write_json_atomically(run_folder / HISTORY_FILENAME, history, indent=1)
+        write_json_atomically(run_folder / RUN_INFO_FILENAME, {"train_seconds": round(seconds, 2),
+                                                               "steps": trainer.state.global_step})
     return TrainOutcome(trainer, history, adapter, seconds)
+
+
+def finished_run(profile: Profile, run_folder: str | Path) -> bool:
+    """True when ``run_folder`` holds a finished run of exactly ``profile``: its adapter, saved with this very
+    profile (every setting equal, steps included), its log and its run info."""
+    run_folder = Path(run_folder)
+    saved = run_folder / ADAPTER_DIRNAME / "course_profile.json"
+    return (
+        saved.is_file()
+        and (run_folder / HISTORY_FILENAME).is_file()
+        and (run_folder / RUN_INFO_FILENAME).is_file()
+        and json.loads(saved.read_text()) == profile.to_dict()
+    )
+
+
+def load_finished_run(profile: Profile, run_folder: str | Path) -> TrainOutcome:
+    """A finished run read back: the base with its adapter (``PeftModel.from_pretrained``), its log and its time."""
+    run_folder = Path(run_folder)
+    if not finished_run(profile, run_folder):
+        raise FileNotFoundError(f"{run_folder} holds no finished run of profile {profile.name!r} with these settings")
+    model = PeftModel.from_pretrained(load_model(profile), str(run_folder / ADAPTER_DIRNAME))
+    info = json.loads((run_folder / RUN_INFO_FILENAME).read_text())
+    history = json.loads((run_folder / HISTORY_FILENAME).read_text())
+    return TrainOutcome(None, history, run_folder / ADAPTER_DIRNAME, info["train_seconds"], model=model.eval())
+
+
+def train_dpo_once(profile: Profile, run_folder: str | Path, *, data: PreparedData | None = None,
+                   progress: bool = True, **overrides: Any) -> TrainOutcome:
+    """:func:`train_dpo`, unless ``run_folder`` already holds the finished run of the same settings: then that run
+    is read back instead of trained again (notebooks 06 and 08 both need plain DPO; it is trained once)."""
+    if finished_run(with_training_overrides(profile, overrides), run_folder):
+        return load_finished_run(with_training_overrides(profile, overrides), run_folder)
+    return train_dpo(profile, run_folder, data=data, progress=progress, **overrides)
 
 
 def timed_train(trainer, resume: str | None = None) -> float:

@@ -22,6 +22,7 @@ from helpers.paths import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs" / "accelerate"
 STEPS = 10
+T4_STEPS = 2
 TIMEOUT_S = 840  # under pytest-timeout's 900
 
 
@@ -29,10 +30,9 @@ def _accelerate_cli() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tiny_model_path, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in {"COURSE_PROFILE", "COURSE_OUTPUT_DIR"}}
+def _launch(root: Path, profile: str, steps: int, **extra_env: str) -> dict:
+    """``accelerate launch`` two CPU processes training ``profile`` for ``steps`` steps; their traces and output."""
+    env = {k: v for k, v in os.environ.items() if k not in {"COURSE_PROFILE", "COURSE_OUTPUT_DIR", "COURSE_STANDINS"}}
     env.update(
         COURSE_TRACE_DIR=str(root / "trace"),
         OMP_NUM_THREADS="1",  # one thread per process: two processes on two cores
@@ -42,11 +42,12 @@ def two_process_run(tiny_model_path, tmp_path_factory) -> dict:
         TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=str(REPO_ROOT),
         CUDA_VISIBLE_DEVICES="",  # the CPU path even where a GPU exists
+        **extra_env,
     )
     cmd = [
         *_accelerate_cli(),
         "--config_file", str(CONFIGS / "cpu_2proc_test.yaml"),
-        "-m", "helpers", "run", "--profile", "tiny", "--max-steps", str(STEPS),
+        "-m", "helpers", "run", "--profile", profile, "--max-steps", str(steps),
         "--output-dir", str(root / "out"), "--no-eval", "--no-merge",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -58,6 +59,17 @@ def two_process_run(tiny_model_path, tmp_path_factory) -> dict:
         "traces": [json.loads(p.read_text()) for p in traces],
         "stdout": proc.stdout,
     }
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model_path, tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory.mktemp("ddp"), "tiny", STEPS)
+
+
+@pytest.fixture(scope="module")
+def two_process_t4_run(tmp_path_factory) -> dict:
+    """The same on the t4 profile's offline stand-ins: a Qwen2 in 4-bit NF4 with gradient checkpointing."""
+    return _launch(tmp_path_factory.mktemp("ddp-t4"), "t4", T4_STEPS, COURSE_STANDINS="1")
 
 
 def test_two_processes_trained_together(two_process_run):
@@ -150,3 +162,14 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
     assert fsdp_enabled()
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert not fsdp_enabled()
+
+
+def test_on_the_t4_standin_the_processes_split_the_pairs_and_end_identical(two_process_t4_run):
+    traces = two_process_t4_run["traces"]
+    assert [t["rank"] for t in traces] == [0, 1] and all(t["global_step"] == T4_STEPS for t in traces)
+    seen0, seen1 = ({pair for batch in t["batches"] for pair in batch} for t in traces)
+    assert seen0 and not seen0 & seen1, "the two processes trained on some of the same pairs"
+    assert len({t["lora_sha256"] for t in traces}) == 1, "the two replicas ended with different LoRA weights"
+    adapter = two_process_t4_run["out"] / "runs" / "t4-main" / "adapter"
+    assert _saved_adapter_checksum(adapter) == traces[0]["lora_sha256"]
+    assert two_process_t4_run["stdout"].startswith("OFFLINE STAND-INS")
