@@ -28,6 +28,8 @@ import json
 import random
 from pathlib import Path
 
+from helpers.saving import write_text_atomically
+
 SEED = 2024
 TRAIN_PER_KIND = 200
 HELDOUT_PER_KIND = 40
@@ -258,11 +260,7 @@ def make_sft(train: list[dict[str, str]], seed: int = SEED) -> list[dict[str, ob
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main() -> None:

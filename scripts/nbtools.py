@@ -8,12 +8,14 @@ cells every notebook shares (the Colab install cell, the Drive parameter, the st
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
 from pathlib import Path
 
 import nbformat
+from nbclient import NotebookClient
 
 from helpers.course import COLAB_METADATA, INSTALL_CELL, USE_DRIVE_LINE
 from helpers.paths import OFFLINE_ENV
@@ -77,8 +79,6 @@ def stamp(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 def execute(path: Path, timeout: int = 1200) -> float:
     """Run the notebook top to bottom in its own folder and write it back with outputs; returns seconds."""
-    from nbclient import NotebookClient
-
     os.environ.update(NOTEBOOK_ENV)
     nb = nbformat.read(path, as_version=4)
     started = time.perf_counter()
@@ -87,6 +87,44 @@ def execute(path: Path, timeout: int = 1200) -> float:
     seconds = time.perf_counter() - started
     nbformat.write(strip(nb), path)
     return seconds
+
+
+def with_parameters(nb: nbformat.NotebookNode, parameters: dict[str, object]) -> nbformat.NotebookNode:
+    """A copy with a cell after the ``parameters`` cell that sets ``parameters`` (as papermill injects them)."""
+    nb = copy.deepcopy(nb)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    lines = [f"{name} = {value!r}" for name, value in parameters.items()]
+    cell = nbformat.v4.new_code_cell("# injected parameters\n" + "\n".join(lines))
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(at + 1, cell)
+    return nb
+
+
+def execute_copy(path: Path, out_path: Path, *, parameters: dict[str, object] | None = None,
+                 env: dict[str, str] | None = None, timeout: int = 1200) -> float:
+    """Run a copy of the notebook (with ``parameters`` injected, its kernel started with ``env`` added to this
+    environment) in the notebook's own folder and write it, executed, to ``out_path``; returns seconds.
+
+    The notebook in the repository is not touched: this is how a profile other than tiny (the GPU profiles on
+    their offline stand-ins) runs the notebooks' cells in the tests. A cell that fails raises
+    ``nbclient.exceptions.CellExecutionError``, except the exercise checks tagged ``raises-exception``.
+    """
+    nb = with_parameters(nbformat.read(path, as_version=4), parameters or {})
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        started = time.perf_counter()
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}})
+        try:
+            client.execute()
+        finally:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(strip(nb), out_path)
+        return time.perf_counter() - started
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def main(argv: list[str]) -> int:

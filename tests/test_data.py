@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -20,8 +19,9 @@ from helpers.data import (
     validate_rows,
     verify_checksums,
 )
-from helpers.paths import DATA_DIR, REPO_ROOT
+from helpers.paths import DATA_DIR
 from helpers.profiles import get_profile
+from scripts import generate_data
 
 KINDS = {"correct_vs_wrong", "helpful_vs_evasive", "concise_vs_rambling", "follows_system"}
 GOOD = {"system": "", "question": "Which is bigger: 3 or 7?", "chosen": "7 is larger than 3.", "rejected": "No."}
@@ -32,12 +32,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _generator() -> ModuleType:
-    path = REPO_ROOT / "scripts" / "generate_data.py"
-    spec = importlib.util.spec_from_file_location("course_generate_data", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return generate_data
 
 
 def _write_split(tmp_path: Path, rows: list[Any], split: str = "train") -> Path:
