@@ -4,6 +4,7 @@ cells every notebook shares (the Colab install cell, the Drive parameter, the st
     python scripts/nbtools.py execute notebooks/01_chatml_formatting.ipynb [...]
     python scripts/nbtools.py strip notebooks/*.ipynb
     python scripts/nbtools.py stamp notebooks/*.ipynb solutions/*.ipynb
+    python scripts/nbtools.py course OUT_DIR notebooks/*.ipynb      # the course command's runner (2 at a time)
 """
 
 from __future__ import annotations
@@ -127,11 +128,73 @@ def execute_copy(path: Path, out_path: Path, *, parameters: dict[str, object] | 
         os.environ.update(saved)
 
 
+# What a notebook reads from the run folder that another one writes: it starts only after those have finished.
+NEEDS = {
+    "05_merging": ("04_dpo_training",),  # the adapter
+    "06_evaluation": ("05_merging",),  # the merged model
+    "08_beyond_dpo": ("06_evaluation",),  # 06's plain-DPO run, reused
+    "09_export_gguf": ("05_merging",),  # the merged model
+    "10_on_policy_dpo": ("04_dpo_training",),  # the off-policy run it compares with
+}
+
+
+def run_course(notebooks: list[Path], out_dir: Path, *, jobs: int = 2, timeout: int = 1200) -> dict[str, float]:
+    """Execute the notebooks (executed copies in ``out_dir``), ``jobs`` at a time, each after the notebooks it
+    needs (:data:`NEEDS`); returns the seconds each took. Every kernel uses one torch thread (helpers.notebook), so
+    two notebooks at a time use both cores of a 2-core machine. The first failure stops the run; the rest is
+    cancelled, and its log is in ``out_dir``."""
+    import subprocess
+
+    names = [p.stem for p in notebooks]
+
+    def downstream(name: str) -> int:  # how many notebooks wait, directly or not, for this one: start those first
+        direct = [other for other, needs in NEEDS.items() if name in needs and other in names]
+        return len(direct) + sum(downstream(other) for other in direct)
+
+    waiting = sorted(notebooks, key=lambda p: (-downstream(p.stem), p.stem))
+    running, seconds = {}, {}
+    while waiting or running:
+        ready = [p for p in waiting if all(n in seconds or n not in names for n in NEEDS.get(p.stem, ()))]
+        while ready and len(running) < jobs:
+            path = ready.pop(0)
+            waiting.remove(path)
+            log = (out_dir / f"{path.stem}.log").open("w")
+            command = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+                       f"--ExecutePreprocessor.timeout={timeout}", "--ExecutePreprocessor.kernel_name=python3",
+                       "--output-dir", str(out_dir), str(path)]
+            running[path.stem] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.perf_counter())
+        time.sleep(0.2)
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                for other, _ in running.values():
+                    other.kill()
+                tail = (out_dir / f"{name}.log").read_text().splitlines()[-40:]
+                raise RuntimeError(f"{name} failed (log: {out_dir / name}.log):\n" + "\n".join(tail))
+            seconds[name] = time.perf_counter() - started
+            print(f"[course] {name + '.ipynb':40} ok  {seconds[name]:4.0f} s", flush=True)
+    return seconds
+
+
 def main(argv: list[str]) -> int:
     """Command line entry point."""
-    if len(argv) < 2 or argv[0] not in {"execute", "strip", "stamp"}:
+    if len(argv) < 2 or argv[0] not in {"execute", "strip", "stamp", "course"}:
         print(__doc__)
         return 2
+    if argv[0] == "course":
+        out_dir = Path(argv[1])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        try:
+            seconds = run_course([Path(p) for p in argv[2:]], out_dir, jobs=int(os.environ.get("COURSE_JOBS", "2")))
+        except RuntimeError as exc:
+            print(f"[course] FAILED: {exc}", file=sys.stderr)
+            return 1
+        print(f"[course] {len(seconds)} notebooks in {time.perf_counter() - started:.0f} s "
+              f"(each alone: {sum(seconds.values()):.0f} s in total)")
+        return 0
     for name in argv[1:]:
         path = Path(name)
         if argv[0] == "execute":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The course, end to end on the CPU path: set up, build the tiny model, then execute every notebook in
-# notebooks/ in name order, top to bottom, with the tiny profile and no network.
+# notebooks/ top to bottom, with the tiny profile and no network, two at a time (scripts/nbtools.py course:
+# a notebook waits for the notebooks whose run folders it reads). COURSE_JOBS=1 runs them one by one.
 # Executed copies (with their outputs) land in outputs/executed/; the first failing notebook stops the run.
 set -euo pipefail
 
@@ -31,17 +32,8 @@ fi
 
 out="${COURSE_OUTPUT_DIR:-$ROOT/outputs}/executed"
 mkdir -p "$out"
-echo "[course] running ${#notebooks[@]} notebooks with COURSE_PROFILE=tiny, offline; executed copies in $out"
-for nb in "${notebooks[@]}"; do
-  name="$(basename "$nb" .ipynb)"
-  t0=$(date +%s)
-  # nbconvert runs each notebook's kernel in the notebook's own folder (notebooks/).
-  if ! "$PY" -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=1200 \
-      --ExecutePreprocessor.kernel_name=python3 --output-dir "$out" "$nb" > "$out/$name.log" 2>&1; then
-    tail -n 40 "$out/$name.log" >&2
-    echo "[course] FAILED: $nb after $(( $(date +%s) - t0 )) s (full log: $out/$name.log); stopping here" >&2
-    exit 1
-  fi
-  printf '[course] %-40s ok  %4d s\n' "$(basename "$nb")" "$(( $(date +%s) - t0 ))"
-done
-echo "[course] all ${#notebooks[@]} notebooks ran in $(( $(date +%s) - started )) s; results in ${COURSE_OUTPUT_DIR:-outputs}/"
+echo "[course] running ${#notebooks[@]} notebooks with COURSE_PROFILE=tiny, offline, two at a time (each one thread;"
+echo "[course] a notebook starts when the ones whose run folders it reads have finished); executed copies in $out"
+# nbconvert runs each notebook's kernel in the notebook's own folder (notebooks/).
+"$PY" scripts/nbtools.py course "$out" "${notebooks[@]}"
+echo "[course] done in $(( $(date +%s) - started )) s (with set-up); results in ${COURSE_OUTPUT_DIR:-outputs}/"

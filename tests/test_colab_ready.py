@@ -179,39 +179,6 @@ def test_use_drive_off_colab_changes_nothing(monkeypatch, tmp_path, capsys):
     assert "COURSE_OUTPUT_DIR" not in os.environ
 
 
-def test_use_drive_on_a_simulated_colab_mounts_and_redirects_outputs(monkeypatch, tmp_path, capsys):
-    from helpers import colab
-    from helpers.paths import outputs_dir, run_dir
-
-    mounted: list[str] = []
-
-    def mount(where: str) -> None:
-        mounted.append(where)
-        (Path(where) / "MyDrive").mkdir(parents=True)
-
-    google = types.ModuleType("google")
-    google_colab = types.ModuleType("google.colab")
-    google_colab.drive = types.SimpleNamespace(mount=mount)
-    google.colab = google_colab
-    monkeypatch.setitem(sys.modules, "google", google)
-    monkeypatch.setitem(sys.modules, "google.colab", google_colab)
-    monkeypatch.setattr(colab, "DRIVE_MOUNT_POINT", tmp_path / "drive")
-    monkeypatch.delenv("COURSE_OUTPUT_DIR", raising=False)
-
-    target = colab.use_drive()
-    assert mounted == [str(tmp_path / "drive")]
-    assert target == tmp_path / "drive" / "MyDrive" / "dpo-course" / "outputs" and target.is_dir()
-    assert outputs_dir() == target and run_dir("t4", "main") == target / "runs" / "t4-main"
-
-    # a later session: Drive already mounted, the run of notebook 04 is found again
-    (target / "runs" / "t4-main").mkdir(parents=True)
-    assert colab.use_drive() == target and len(mounted) == 1
-    assert "t4-main" in capsys.readouterr().out
-
-    with pytest.raises(ValueError, match="inside your Drive"):
-        colab.use_drive("../etc")
-
-
 def _fake_colab(monkeypatch, tmp_path) -> list[str]:
     """A ``google.colab`` module with a Drive that mounts into ``tmp_path``. The training libraries are imported
     first: with a fake ``google`` package in ``sys.modules``, their own imports of Google's packages would fail."""
@@ -233,6 +200,25 @@ def _fake_colab(monkeypatch, tmp_path) -> list[str]:
     monkeypatch.setattr(colab, "DRIVE_MOUNT_POINT", tmp_path / "drive")
     monkeypatch.delenv("COURSE_OUTPUT_DIR", raising=False)
     return mounted
+
+
+def test_use_drive_on_a_simulated_colab_mounts_and_redirects_outputs(monkeypatch, tmp_path, capsys):
+    from helpers import colab
+    from helpers.paths import outputs_dir, run_dir
+
+    mounted = _fake_colab(monkeypatch, tmp_path)
+    target = colab.use_drive()
+    assert mounted == [str(tmp_path / "drive")]
+    assert target == tmp_path / "drive" / "MyDrive" / "dpo-course" / "outputs" and target.is_dir()
+    assert outputs_dir() == target and run_dir("t4", "main") == target / "runs" / "t4-main"
+
+    # a later session: Drive already mounted, the run of notebook 04 is found again
+    (target / "runs" / "t4-main").mkdir(parents=True)
+    assert colab.use_drive() == target and len(mounted) == 1
+    assert "t4-main" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="inside your Drive"):
+        colab.use_drive("../etc")
 
 
 @pytest.mark.parametrize("use_drive", [True, False])
