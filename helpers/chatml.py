@@ -81,6 +81,17 @@ def render_prompt(tokenizer, system: str, question: str) -> str:
     return tokenizer.apply_chat_template(prompt_messages(system, question), add_generation_prompt=True, tokenize=False)
 
 
+def render_chatml_prompt(tokenizer, system: str, question: str) -> str:
+    """The prompt rendered with OpenHermes-2.5's own ChatML template (``helpers.tiny_model.CHATML_TEMPLATE``),
+    whatever template ``tokenizer`` carries: no default system turn, unlike Qwen2.5's. The reference for ChatML
+    written by hand (notebook 01, exercise 1)."""
+    from helpers.tiny_model import CHATML_TEMPLATE
+
+    messages = prompt_messages(system, question)
+    return tokenizer.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, add_generation_prompt=True,
+                                         tokenize=False)
+
+
 def format_orca_row(
     row: Mapping[str, Any], tokenizer, *, on_control: str = "error", where: str = "row"
 ) -> dict[str, str]:
@@ -190,7 +201,8 @@ def trl_tokenized_answers(rows, tokenizer, model, profile) -> list[dict[str, lis
     builds it (``ref_model=None``, the profile's LoRA adapter, the profile's ``DPOConfig``), so what comes
     back is what DPO would train on: ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` per row, after TRL
     has appended EOS where it wanted to. Nothing is trained. The adapter TRL injects into ``model`` is
-    removed again before returning, so the same model can be passed several times.
+    removed again before returning, so the same model can be passed several times. TRL drops pairs whose prompt
+    alone fills ``max_length``; then this raises instead of returning ids that no longer line up with ``rows``.
     """
     import tempfile
 
@@ -207,17 +219,55 @@ def trl_tokenized_answers(rows, tokenizer, model, profile) -> list[dict[str, lis
         trainer = DPOTrainer(
             model=model,
             ref_model=None,
-            args=dpo_config(profile, tmp, max_steps=1, save_strategy="no", logging_strategy="no"),
+            # nothing is trained: no reference pass over the data (the tiny profile precomputes one), no bars
+            args=dpo_config(profile, tmp, max_steps=1, save_strategy="no", logging_strategy="no",
+                            precompute_ref_log_probs=False, precompute_ref_batch_size=None, disable_tqdm=True),
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=lora_config(profile),
         )
         try:
+            if len(trainer.train_dataset) != len(dataset):
+                raise ValueError(
+                    f"TRL dropped {len(dataset) - len(trainer.train_dataset)} of {len(dataset)} pairs whose prompt "
+                    f"alone fills max_length={profile.dpo.max_length} tokens, so the ids would not line up with the "
+                    "rows: pass pairs that fit (helpers.chatml.rows_that_fit, filter_by_length)"
+                )
             columns = ("prompt_ids", "chosen_ids", "rejected_ids")
             return [{name: list(example[name]) for name in columns} for example in trainer.train_dataset]
         finally:
             if hasattr(trainer.model, "unload"):
                 trainer.model.unload()  # take TRL's LoRA layers out again: the caller's model is unchanged
+
+
+def rows_that_fit(dataset, tokenizer, max_prompt_length: int, max_length: int, count: int) -> list[dict]:
+    """The first ``count`` raw rows of ``dataset`` whose ChatML pair (:func:`format_orca_row`) fits both limits, in
+    order: rows TRL will keep, to look at its preprocessing without a pair being dropped on the way."""
+    found = []
+    for row in dataset:
+        pair = format_orca_row(row, tokenizer)
+        prompt = len(tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"])
+        answer = max(len(tokenizer(pair[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+        if prompt <= max_prompt_length and prompt + answer <= max_length:
+            found.append(dict(row))
+            if len(found) == count:
+                return found
+    raise ValueError(f"only {len(found)} rows fit max_prompt_length={max_prompt_length}, max_length={max_length}")
+
+
+def end_token_trained(batch: dict, eos_token_id: int, loss_mask: str = "completion_mask") -> list[bool]:
+    """For each sequence of a collated batch: is its last real token (``attention_mask`` 1) the EOS, and is it in
+    the loss?
+
+    ``loss_mask``: ``"completion_mask"`` for TRL's preference collator, ``"labels"`` for a language-modelling
+    collator (a label of -100 is left out of the loss). Padding that reuses the EOS id does not count as the end.
+    """
+    trained = []
+    for row in range(batch["input_ids"].shape[0]):
+        last = int(batch["attention_mask"][row].nonzero().max())
+        in_loss = batch[loss_mask][row, last] != (-100 if loss_mask == "labels" else 0)
+        trained.append(bool(batch["input_ids"][row, last] == eos_token_id and in_loss))
+    return trained
 
 
 def token_strings(ids: list[int], tokenizer) -> list[str]:

@@ -273,24 +273,123 @@ def quant_state_bytes(model) -> int:
 
 
 def activation_bytes(config, sequences: int, seq_len: int, *, checkpointing: bool = True, bytes_per_value: int = 2):
-    """A rough estimate of the activation memory of one training forward + backward pass.
+    """A rough estimate of what the decoder layers keep for one training forward + backward pass, in bytes.
 
-    ``sequences`` x ``seq_len`` tokens (every sequence padded to ``seq_len``: the worst case). One decoder
-    layer keeps, per token, about 7 tensors of width ``hidden`` (norm inputs/outputs, q, rotated q, attention
-    output), 3 of the key/value width and 4 of ``intermediate`` (gate, up, SiLU(gate), their product) for its
-    backward pass; attention by SDPA/flash keeps no ``seq_len``-squared scores. With gradient checkpointing
-    only each layer's input is kept and one layer at a time is recomputed. The logits add a 16-bit copy and
-    an fp32 one for the loss. Not counted: the CUDA context, allocator slack, temporary buffers.
+    ``sequences`` x ``seq_len`` tokens (every sequence padded to ``seq_len``: the worst case). One decoder layer
+    keeps, per token, about 7 tensors of width ``hidden`` (norm inputs/outputs, q, rotated q, attention output), 3 of
+    the key/value width and 4 of ``intermediate`` (gate, up, SiLU(gate), their product) for its backward pass;
+    attention by SDPA/flash keeps no ``seq_len``-squared scores. With gradient checkpointing only each layer's input
+    is kept and one layer at a time is recomputed. The log-probabilities (TRL's LM head) are counted apart, by
+    :func:`log_prob_head_bytes`. Not counted: the CUDA context, allocator slack, temporary buffers.
     """
     tokens = sequences * seq_len
     hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim
     per_layer = tokens * (7 * hidden + 3 * kv + 4 * inter) * bytes_per_value
-    logits = tokens * config.vocab_size * (bytes_per_value + 4)
     if checkpointing:
-        return layers * tokens * hidden * bytes_per_value + per_layer + logits
-    return layers * per_layer + logits
+        return layers * tokens * hidden * bytes_per_value + per_layer
+    return layers * per_layer
+
+
+# TRL 1.16 scores the answers with a fused, chunked LM head: DPOTrainer calls the model with ``fused_lm_head=True``
+# (trl/trainer/dpo_trainer.py, ``add_fused_lm_head`` in __init__, the calls in ``_compute_loss``), and
+# ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` projects the hidden states through ``lm_head`` one tile at a
+# time, keeping running log-sum-exp statistics: the [tokens x vocab] logits never exist. Tile sizes, from its source:
+TRL_TOKEN_TILE = 4096  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE: token rows per tile
+TRL_VOCAB_TILE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE: vocabulary columns per tile
+# per scored token it also keeps an int64 target, an fp32 log-normaliser and entropy, and two boolean masks
+TRL_PER_TOKEN_BYTES = 8 + 4 + 4 + 2
+# what DPOTrainer asks the fused head for (trl/trainer/dpo_trainer.py, ``outputs = (...)`` before add_fused_lm_head)
+TRL_DPO_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def log_prob_head_saved_bytes(config, tokens: int, *, bytes_per_value: int = 2) -> int:
+    """What TRL 1.16's fused LM head keeps from its forward for the backward pass, for ``tokens`` scored tokens, in
+    bytes: their hidden states (``tokens x hidden`` in the compute dtype) and 18 bytes per token (an int64 target, an
+    fp32 log-normaliser and entropy, two boolean masks). ``log_prob_saved_bytes`` measures it on a real model."""
+    return tokens * (config.hidden_size * bytes_per_value + TRL_PER_TOKEN_BYTES)
+
+
+def log_prob_head_bytes(config, tokens: int, *, bytes_per_value: int = 2) -> int:
+    """An estimate of the peak memory of TRL 1.16's fused LM head for ``tokens`` scored tokens, in bytes.
+
+    Read from ``ChunkedLogProbFunction`` (trl/kernels/chunked_logprob.py): its peak is the backward pass, which holds
+    what the forward saved (:func:`log_prob_head_saved_bytes`), one tile buffer of ``min(tokens, 4096) x 32768``
+    values in the compute dtype (allocated at that width whatever the vocabulary), and the hidden states' gradient,
+    accumulated in fp32 and then cast back to the compute dtype. On a GPU only the answer tokens are scored (prompt
+    and padding are skipped); on a CPU TRL scores every position. ``tokens`` = every position is the worst case.
+    """
+    tile = min(tokens, TRL_TOKEN_TILE) * TRL_VOCAB_TILE * bytes_per_value
+    gradient = tokens * config.hidden_size * (4 + bytes_per_value)
+    return log_prob_head_saved_bytes(config, tokens, bytes_per_value=bytes_per_value) + tile + gradient
+
+
+def full_logits_bytes(config, tokens: int, *, bytes_per_value: int = 2) -> int:
+    """What the [tokens x vocab] logits would take if they were materialised, in bytes: a 16-bit copy from the model
+    and an fp32 one for the log-softmax (TRL before the fused head, or ``model(...).logits`` + ``log_softmax``)."""
+    return tokens * config.vocab_size * (bytes_per_value + 4)
+
+
+def saved_tensor_bytes(fn, *, exclude=()) -> tuple[int, object]:
+    """Run ``fn()`` and count the bytes of the tensors autograd saves for its backward pass; returns (bytes, result).
+
+    Each storage is counted once; the storages of ``exclude`` (e.g. ``model.parameters()``, which exist anyway) are
+    left out. This is what a forward pass adds to memory until ``backward()`` frees it.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = fn()
+    return sum(seen.values()), result
+
+
+def log_prob_saved_bytes(model, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, int]:
+    """Measure what computing per-token log-probs keeps for backward, two ways, on a real (small) model.
+
+    ``"full logits"``: ``model(...).logits`` then ``log_softmax`` and ``gather``, the [tokens x vocab] way;
+    ``"fused head"``: TRL 1.16's ``add_fused_lm_head`` and ``model(..., labels=labels, fused_lm_head=True)``, as
+    DPOTrainer calls it. Each is counted by :func:`saved_tensor_bytes` minus what the decoder alone keeps
+    (``"decoder"``), with the weights frozen and the input embeddings requiring grad (as LoRA training with gradient
+    checkpointing sets them). The model is left as it was: its forward, ``requires_grad`` flags and hooks.
+    """
+    from trl.trainer.utils import add_fused_lm_head
+
+    flags = [p.requires_grad for p in model.parameters()]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.enable_input_require_grads()
+    targets = labels[:, 1:]
+
+    def decoder():
+        return model.get_decoder()(input_ids=input_ids).last_hidden_state.sum()
+
+    def full_logits():
+        log_probs = model(input_ids=input_ids).logits[:, :-1].float().log_softmax(-1)
+        return log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[targets != -100].sum()
+
+    def fused_head():
+        return model(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs.sum()
+
+    params = list(model.parameters())
+    try:
+        measured = {"decoder": saved_tensor_bytes(decoder, exclude=params)[0]}
+        measured["full logits"] = saved_tensor_bytes(full_logits, exclude=params)[0] - measured["decoder"]
+        add_fused_lm_head(model, outputs=TRL_DPO_HEAD_OUTPUTS)
+        measured["fused head"] = saved_tensor_bytes(fused_head, exclude=params)[0] - measured["decoder"]
+    finally:
+        model.__dict__.pop("forward", None)  # add_fused_lm_head set an instance forward: back to the class's
+        model.disable_input_require_grads()
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+    return measured
 
 
 @dataclass(frozen=True)
@@ -315,31 +414,40 @@ def lora_trainable_parameters(config, profile: Profile) -> int:
     return count_parameters(wrapped)[0]
 
 
-def memory_table(config, profile: Profile) -> list[MemoryRow]:
-    """The memory of the recipe on a model of ``config`` with ``profile``'s LoRA, batch and length.
+def memory_table(config, profile: Profile, *, precision: str = "bf16") -> list[MemoryRow]:
+    """The memory of the recipe on a model of ``config`` with ``profile``'s LoRA, batch and length, trained in
+    ``precision`` ("bf16" on an A100, "fp16" on a T4, "fp32").
 
     Rows: the weights in fp32 / bf16 / 8-bit / 4-bit NF4; then what QLoRA training adds to the 4-bit weights
-    (adapter, its gradients, AdamW's two fp32 moments, activations) and their total; last, for contrast,
-    full fine-tuning with AdamW in mixed precision. The adapter and its gradients are bf16 when the profile
-    loads in 4-bit, because TRL 1.x's trainers cast a quantised model's adapter to bf16; fp32 otherwise
-    (PEFT's default). ``paged_adamw_32bit`` keeps its two moments in fp32 whatever the parameter dtype.
+    (adapter, its gradients, AdamW's two fp32 moments, the decoder's activations, TRL's fused LM head) and their
+    total; last, for contrast, the full logits TRL 1.16 does *not* allocate, and full fine-tuning with AdamW in mixed
+    precision. The adapter's dtype follows the path that runs: TRL 1.16 casts a quantised model's adapter to bf16
+    (trl/trainer/dpo_trainer.py, "When using QLoRA ..."), and ``helpers.training.prepare_trainer`` casts it back to
+    fp32 under fp16 and fp32 (see ``helpers.training.trainable_dtype``); without 4-bit PEFT keeps it in fp32.
+    ``paged_adamw_32bit`` keeps its two moments in fp32 whatever the parameter dtype. Rows built on estimates say so.
     """
+    if precision not in {"bf16", "fp16", "fp32"}:
+        raise ValueError(f"precision must be bf16, fp16 or fp32, not {precision!r}")
     model = meta_model(config)
     params = sum(p.numel() for p in model.parameters())
     lora = lora_trainable_parameters(config, profile)
     t, q = profile.training, profile.quantization
     sequences = 2 * t.per_device_train_batch_size  # TRL runs chosen and rejected as one concatenated batch
-    activations = activation_bytes(config, sequences, profile.dpo.max_length, checkpointing=t.gradient_checkpointing)
-    # TRL 1.x casts the adapter of a quantised model to bf16 (the QLoRA paper's choice); PEFT's default is fp32.
-    adapter_bytes, adapter_dtype = (2, "bf16") if q.load_in_4bit else (4, "fp32")
+    tokens = sequences * profile.dpo.max_length
+    value_bytes = 4 if precision == "fp32" else 2
+    activations = activation_bytes(
+        config, sequences, profile.dpo.max_length, checkpointing=t.gradient_checkpointing, bytes_per_value=value_bytes
+    )
+    head = log_prob_head_bytes(config, tokens, bytes_per_value=value_bytes)
+    adapter_bytes, adapter_dtype = (2, "bf16") if q.load_in_4bit and precision == "bf16" else (4, "fp32")
     rows = [
         MemoryRow("weights fp32", weight_bytes(model, 32), f"{params:,} parameters x 4 bytes"),
         MemoryRow("weights bf16", weight_bytes(model, 16), "x 2 bytes: how the model is published"),
-        MemoryRow("weights 8-bit", weight_bytes(model, 8), "LLM.int8 linear layers + row scales; rest bf16"),
+        MemoryRow("weights 8-bit", weight_bytes(model, 8), "LLM.int8 linear layers + row scales; rest 16-bit"),
         MemoryRow(
             "weights 4-bit NF4",
             weight_bytes(model, 4, double_quant=q.double_quant),
-            "NF4 linear layers + " + ("double-quantised " if q.double_quant else "") + "scales; rest bf16",
+            "NF4 linear layers + " + ("double-quantised " if q.double_quant else "") + "scales; rest 16-bit",
             part_of_recipe=True,
         ),
         MemoryRow("LoRA adapter", lora * adapter_bytes, f"{lora:,} trainable parameters in {adapter_dtype}", True),
@@ -353,18 +461,33 @@ def memory_table(config, profile: Profile) -> list[MemoryRow]:
         MemoryRow(
             "activations (estimate)",
             activations,
-            f"{sequences} sequences (batch {t.per_device_train_batch_size} x chosen+rejected) x "
+            f"decoder layers: {sequences} sequences (batch {t.per_device_train_batch_size} x chosen+rejected) x "
             f"{profile.dpo.max_length} tokens, " + ("checkpointed" if t.gradient_checkpointing else "no checkpointing"),
+            True,
+        ),
+        MemoryRow(
+            "LM head, fused (estimate)",
+            head,
+            f"TRL's chunked log-probs: one {TRL_TOKEN_TILE:,} x {TRL_VOCAB_TILE:,} tile + hidden states and their "
+            f"fp32 gradient for {tokens:,} tokens; no logits",
             True,
         ),
     ]
     total = sum(r.bytes for r in rows if r.part_of_recipe)
-    rows.append(MemoryRow("QLoRA training total", total, "4-bit weights + adapter + grads + AdamW + activations"))
+    parts = "4-bit weights + adapter + grads + AdamW + activations + head"
+    rows.append(MemoryRow("QLoRA training total (estimate)", total, parts))
     rows.append(
         MemoryRow(
-            "full fine-tuning, for contrast",
-            params * 16 + activations,
-            "bf16 weights + bf16 grads + fp32 master + AdamW (16 B/param) + activations",
+            "full logits, for contrast",
+            full_logits_bytes(config, tokens, bytes_per_value=value_bytes),
+            f"{tokens:,} tokens x {config.vocab_size:,} vocabulary, a 16-bit + an fp32 copy: not allocated by TRL 1.16",
+        )
+    )
+    rows.append(
+        MemoryRow(
+            "full fine-tuning, for contrast (estimate)",
+            params * 16 + activations + head,
+            "bf16 weights + bf16 grads + fp32 master + AdamW (16 B/param) + activations + head",
         )
     )
     return rows

@@ -58,6 +58,24 @@ def lora_scalings(model) -> dict[str, float]:
     return dict(sorted(found.items()))
 
 
+def dropout_rates(model) -> dict[float, int]:
+    """How many ``torch.nn.Dropout`` modules ``model`` holds at each rate ``p``, e.g. ``{0.05: 28}``.
+
+    PEFT gives every adapted layer an ``nn.Dropout(lora_dropout)`` (an ``nn.Identity`` when the rate is 0), so this
+    shows whether the recipe's ``lora_dropout`` is in force; TRL's ``DPOTrainer`` sets every ``p`` to 0 by default.
+    """
+    rates: dict[float, int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            rates[float(module.p)] = rates.get(float(module.p), 0) + 1
+    return dict(sorted(rates.items()))
+
+
+def trainable_dtypes(model) -> list[str]:
+    """The dtypes of ``model``'s trainable parameters, by name (``["bfloat16"]``, ``["float32"]``, ...)."""
+    return sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+
+
 @dataclass(frozen=True)
 class StepReport:
     """What one optimiser step changed in a LoRA-wrapped model."""

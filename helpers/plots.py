@@ -44,29 +44,43 @@ def plot_token_lengths(
         (pair_tokens, max_length, "prompt + longer answer", "max_length"),
     ]
     for ax, (values, limit, what, name) in zip(panels, series):
-        ax.hist(list(values), bins=30, color="#4c72b0")
-        ax.axvline(limit, color="#c44e52", linestyle="--", label=f"{name} = {limit}")
+        values = list(values)
+        over = sum(1 for v in values if v > limit)
+        ax.hist(values, bins=30, color="#4c72b0", label=f"pairs ({over} over the limit)")
+        ax.axvline(limit, color="#c44e52", linestyle="--", label=f"{name} = {limit} tokens")
         ax.set_xlabel(f"{what} (tokens)")
         ax.set_ylabel("pairs")
         ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"Token lengths of {len(prompt_tokens)} pairs")
+    fig.suptitle(f"Token lengths of {len(prompt_tokens)} pairs (dashed: the limit; longer pairs are dropped)")
     fig.tight_layout()
     save_figure(fig, path)
     return fig
 
 
 def plot_memory_table(rows, path: str | Path | None = None, title: str = "Mistral-7B: memory") -> Figure:
-    """Horizontal bars of a ``helpers.loading.memory_table`` in GiB; the recipe's parts in one colour."""
-    fig = Figure(figsize=(8, 0.4 * len(rows) + 1))
+    """Horizontal bars of a ``helpers.loading.memory_table`` in GiB, labelled with the table's own rounding (2
+    decimals); the parts summed into the QLoRA training total in one colour, everything else in another."""
+    from matplotlib.patches import Patch
+
+    recipe_colour, other_colour = "#dd8452", "#4c72b0"
+    fig = Figure(figsize=(8.5, 0.4 * len(rows) + 1.4))
     ax = fig.subplots()
     labels = [r.item for r in rows][::-1]
     sizes = [r.gib for r in rows][::-1]
-    colours = ["#dd8452" if r.part_of_recipe else "#4c72b0" for r in rows][::-1]
+    colours = [recipe_colour if r.part_of_recipe else other_colour for r in rows][::-1]
     bars = ax.barh(labels, sizes, color=colours)
     for bar, size in zip(bars, sizes):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {size:.1f}", va="center", fontsize=8)
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {size:.2f}", va="center", fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("GiB (log scale); orange: what QLoRA training holds")
+    ax.set_xlabel("GiB (2**30 bytes), log scale")
+    ax.legend(
+        handles=[
+            Patch(color=recipe_colour, label="held during QLoRA training (summed in the total)"),
+            Patch(color=other_colour, label="the total, and alternatives for comparison"),
+        ],
+        loc="lower right",
+        fontsize=8,
+    )
     ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, path)

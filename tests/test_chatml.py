@@ -12,6 +12,7 @@ from helpers.chatml import (
     add_token_lengths,
     control_token_ids,
     end_token_counts,
+    end_token_trained,
     ends_with_single_eos,
     escape_control_strings,
     filter_by_length,
@@ -20,7 +21,9 @@ from helpers.chatml import (
     format_dataset,
     format_orca_row,
     format_orca_row_as_seed,
+    render_chatml_prompt,
     render_prompt,
+    rows_that_fit,
     token_strings,
     trl_tokenized_answers,
 )
@@ -57,6 +60,19 @@ def train(profile):
 def test_template_renders_system_and_user_turns(tokenizer) -> None:
     text = render_prompt(tokenizer, "Be brief.", "Hi?")
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chatml_reference_ignores_a_templates_default_system_turn(tokenizer) -> None:
+    import copy
+
+    assert render_chatml_prompt(tokenizer, "", "Hi?") == render_prompt(tokenizer, "", "Hi?")  # the tiny template is it
+    qwen_like = copy.deepcopy(tokenizer)
+    qwen_like.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n{% endif %}"
+        + tokenizer.chat_template
+    )
+    assert render_prompt(qwen_like, "", "Hi?").startswith("<|im_start|>system\nYou are Qwen.")
+    assert render_chatml_prompt(qwen_like, "", "Hi?") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_orca_row_with_system_prompt(tokenizer) -> None:
@@ -118,6 +134,45 @@ def test_conversational_form_differs_only_by_the_templates_final_newline(tokeniz
     assert conversational["prompt_ids"] == standard["prompt_ids"]
     for side in ("chosen_ids", "rejected_ids"):
         assert conversational[side] == standard[side] + newline
+
+
+def test_trl_tokenizing_refuses_to_misalign_when_trl_drops_a_pair(tokenizer, model, profile) -> None:
+    """TRL drops a pair whose prompt alone fills max_length; the ids would no longer line up with the rows."""
+    short = profile.replace("dpo", max_length=8)
+    with pytest.raises(ValueError, match="TRL dropped 1 of 1 pairs"):
+        trl_tokenized_answers([format_orca_row(ROW_WITH_SYSTEM, tokenizer)], tokenizer, model, short)
+
+
+def test_rows_that_fit_are_kept_by_trl(train, tokenizer, model, profile) -> None:
+    rows = rows_that_fit(train, tokenizer, 40, 60, 3)
+    assert len(rows) == 3 and set(rows[0]) >= {"system", "question", "chosen", "rejected"}
+    short = profile.replace("dpo", max_length=60)
+    assert len(trl_tokenized_answers([format_orca_row(r, tokenizer) for r in rows], tokenizer, model, short)) == 3
+    with pytest.raises(ValueError, match="only 0 rows fit"):
+        rows_that_fit(train, tokenizer, 2, 4, 1)
+
+
+def test_pad_equal_to_eos_keeps_the_end_token_in_trls_preference_collator_only(tokenizer, model, profile) -> None:
+    """TRL's DataCollatorForPreference masks by length; transformers' language-modelling collator masks by id."""
+    import copy
+
+    from transformers import DataCollatorForLanguageModeling
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    rows = [format_orca_row(ROW_WITH_SYSTEM, tokenizer), format_orca_row(ROW_WITHOUT_SYSTEM, tokenizer)]
+    tokenized = trl_tokenized_answers(rows, tokenizer, model, profile)
+    eos = tokenizer.eos_token_id
+    batch = DataCollatorForPreference(pad_token_id=eos)(tokenized)
+    assert (batch["attention_mask"] == 0).any(), "the test needs padding"
+    assert end_token_trained(batch, eos) == [True] * 4
+    pad_eos = copy.deepcopy(tokenizer)
+    pad_eos.pad_token = pad_eos.eos_token
+    sequences = [{"input_ids": row["prompt_ids"] + row["chosen_ids"]} for row in tokenized]
+    sft = DataCollatorForLanguageModeling(pad_eos, mlm=False)(sequences)
+    assert end_token_trained(sft, eos, loss_mask="labels") == [False, False]
+    # with the course's own pad token the same collator keeps them
+    kept = DataCollatorForLanguageModeling(tokenizer, mlm=False)(sequences)
+    assert end_token_trained(kept, eos, loss_mask="labels") == [True, True]
 
 
 def test_token_lengths_and_nothing_too_long_at_tiny_limits(train, tokenizer, profile) -> None:
@@ -190,3 +245,6 @@ def test_length_histogram_is_saved_as_png(tmp_path) -> None:
     fig = plot_token_lengths([10, 12, 30], [20, 40, 50], 24, 48, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(fig.axes) == 2
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert legends == [["pairs (1 over the limit)", "max_prompt_length = 24 tokens"],
+                       ["pairs (1 over the limit)", "max_length = 48 tokens"]]

@@ -8,10 +8,12 @@ import torch
 from helpers.lora import (
     answer_batch,
     count_parameters,
+    dropout_rates,
     linear_layer_names,
     lora_config,
     lora_scalings,
     lora_training_steps,
+    trainable_dtypes,
 )
 from helpers.profiles import MISTRAL_LINEAR_MODULES, get_profile
 
@@ -50,19 +52,78 @@ def test_mistral_7b_lora_has_41_943_040_trainable_parameters_by_peft() -> None:
     assert lora_scalings(wrapped) == dict.fromkeys(sorted(MISTRAL_LINEAR_MODULES), 1.0)
 
 
-def test_four_bit_base_prepared_and_wrapped_trains_only_lora(profile, tiny_model_path) -> None:
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def _pairs(profile, tokenizer, count: int = 4):
+    from datasets import Dataset
+
+    from helpers.chatml import format_orca_row
+    from helpers.data import load_preference_data
+
+    rows = load_preference_data(profile)["train"].select(range(count))
+    return Dataset.from_list([format_orca_row(row, tokenizer) for row in rows])
+
+
+def test_trl_qlora_path_has_no_prepare_model_for_kbit_training() -> None:
+    """What notebook 03 teaches about TRL 1.16's QLoRA path, read from the installed source."""
+    import inspect
+
+    from trl.trainer import dpo_trainer
+
+    source = inspect.getsource(dpo_trainer)
+    assert "prepare_model_for_kbit_training" not in source
+    init = inspect.getsource(dpo_trainer.DPOTrainer.__init__)
+    for step in ("get_peft_model(model, peft_config", "model.enable_input_require_grads()",
+                 "param.data.to(torch.bfloat16)", "disable_dropout_in_model(model)"):
+        assert step in init, step
+
+
+def test_four_bit_base_wrapped_by_dpo_trainer_trains_only_lora(profile, tokenizer, tiny_model_path, tmp_path) -> None:
+    """TRL wraps, enables input gradients, casts the adapter to bf16 and leaves the norms alone (no fp32 cast as
+    prepare_model_for_kbit_training would do); the course's prepare_trainer then casts the adapter to fp32 on CPU."""
+    from peft import get_peft_model
+    from trl import DPOTrainer
 
     from helpers.loading import load_model
+    from helpers.training import dpo_config, prepare_trainer
 
     fp32 = get_peft_model(_fp32_model(profile, tiny_model_path), lora_config(profile))
-    four = load_model(profile, four_bit=True, source=str(tiny_model_path))
-    four = prepare_model_for_kbit_training(four, use_gradient_checkpointing=False)
-    four = get_peft_model(four, lora_config(profile))
-    assert count_parameters(four) == count_parameters(fp32)
-    trainable = [n for n, p in four.named_parameters() if p.requires_grad]
+    bf16_compute = profile.replace("quantization", compute_dtype="bfloat16")
+    four = load_model(bf16_compute, four_bit=True, source=str(tiny_model_path))
+    trainer = DPOTrainer(
+        model=four,
+        ref_model=None,
+        args=dpo_config(profile, tmp_path, gradient_checkpointing=True, precompute_ref_log_probs=False,
+                        precompute_ref_batch_size=None, disable_tqdm=True),
+        train_dataset=_pairs(profile, tokenizer),
+        processing_class=tokenizer,
+        peft_config=lora_config(profile),
+    )
+    wrapped = trainer.model
+    assert count_parameters(wrapped) == count_parameters(fp32)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * TINY_LAYERS * len(MISTRAL_LINEAR_MODULES)
+    assert trainable_dtypes(wrapped) == ["bfloat16"]  # TRL's QLoRA cast
+    norms = {p.dtype for n, p in wrapped.named_parameters() if "norm" in n}
+    assert norms == {torch.bfloat16}, "the norms keep the compute dtype: nothing casts them to fp32"
+    assert wrapped.get_input_embeddings()(torch.tensor([[0]])).requires_grad  # enable_input_require_grads
+    assert set(dropout_rates(wrapped)) == {0.0}
+    prepare_trainer(trainer, profile, progress=False)
+    assert trainable_dtypes(wrapped) == ["float32"]  # fp32 training on CPU
+
+
+def test_dpo_trainer_switches_lora_dropout_off(profile, tokenizer, tiny_model_path, tmp_path) -> None:
+    from peft import get_peft_model
+
+    from helpers.training import build_trainer
+
+    adapters = TINY_LAYERS * len(MISTRAL_LINEAR_MODULES)
+    peft_only = get_peft_model(_fp32_model(profile, tiny_model_path), lora_config(profile))
+    assert dropout_rates(peft_only) == {0.05: adapters}  # PEFT alone: the recipe's lora_dropout
+    for disable, rates in ((True, {0.0: adapters}), (False, {0.05: adapters})):
+        trainer = build_trainer(profile, _fp32_model(profile, tiny_model_path), tokenizer, _pairs(profile, tokenizer),
+                                tmp_path / str(disable), progress=False, disable_dropout=disable,
+                                precompute_ref_log_probs=False, precompute_ref_batch_size=None)
+        assert dropout_rates(trainer.model) == rates, disable
 
 
 def test_one_step_changes_only_lora_b_then_a(profile, tokenizer, tiny_model_path) -> None:

@@ -7,12 +7,20 @@ import torch
 
 from helpers.architectures import MISTRAL_7B_VOCAB, OPENHERMES_VOCAB, meta_model
 from helpers.loading import (
+    TRL_DPO_HEAD_OUTPUTS,
+    TRL_TOKEN_TILE,
+    TRL_VOCAB_TILE,
     activation_bytes,
     format_memory_table,
+    full_logits_bytes,
+    log_prob_head_bytes,
+    log_prob_head_saved_bytes,
+    log_prob_saved_bytes,
     memory_table,
     mistral_7b_config,
     nf4_layer_bytes,
     quant_state_bytes,
+    saved_tensor_bytes,
     weight_bytes,
 )
 from helpers.profiles import get_profile
@@ -102,19 +110,90 @@ def test_checkpointing_saves_activation_memory() -> None:
     assert activation_bytes(config, 16, 1536) > with_ckpt
 
 
+def test_activations_count_the_decoder_layers_only() -> None:
+    """Worked by hand: 12,288 tokens; 32 checkpointed layer inputs of 4,096 bf16 values, plus one layer recomputed,
+    7 x 4,096 + 3 x 1,024 + 4 x 14,336 = 89,088 bf16 values a token. No logits: TRL's head is a row of its own."""
+    tokens = 8 * 1536
+    assert activation_bytes(mistral_7b_config(), 8, 1536) == 32 * tokens * 4096 * 2 + tokens * 89_088 * 2
+    assert activation_bytes(mistral_7b_config(), 8, 1536) == 5_410_652_160
+
+
+def test_fused_head_constants_are_trls() -> None:
+    """The tile sizes and outputs the memory table assumes are the ones the installed TRL uses."""
+    import inspect
+
+    from trl.kernels import chunked_logprob
+    from trl.trainer import dpo_trainer, utils
+
+    assert TRL_TOKEN_TILE == chunked_logprob.TOKEN_CHUNK_SIZE
+    assert TRL_VOCAB_TILE == utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    init = inspect.getsource(dpo_trainer.DPOTrainer.__init__)
+    assert f"outputs = {TRL_DPO_HEAD_OUTPUTS!r}".replace("'", '"') in init
+    assert "fused_lm_head=True" in inspect.getsource(dpo_trainer.DPOTrainer._compute_loss)
+
+
+def test_log_prob_head_of_the_recipe_by_hand() -> None:
+    """Worked by hand for 8 x 1,536 = 12,288 tokens of Mistral-7B in bf16: a 4,096 x 32,768 bf16 tile, the saved
+    hidden states (4,096 bf16 values + 18 bytes a token) and their gradient (4,096 values in fp32 and again in bf16)."""
+    config, tokens = mistral_7b_config(), 12_288
+    assert log_prob_head_saved_bytes(config, tokens) == 12_288 * (4096 * 2 + 18) == 100_884_480
+    assert log_prob_head_bytes(config, tokens) == 4096 * 32768 * 2 + 100_884_480 + 12_288 * 4096 * 6 == 671_309_824
+    assert full_logits_bytes(config, tokens) == 12_288 * 32_002 * 6  # a bf16 copy and an fp32 one
+    assert log_prob_head_bytes(config, 100) < log_prob_head_bytes(config, tokens)  # the tile shrinks with few tokens
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_skips_parameters() -> None:
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    counted, _ = saved_tensor_bytes(lambda: (x @ weight).exp().sum(), exclude=[weight])
+    assert counted == x.numel() * 4 + 4 * 8 * 4  # mm keeps x (weight excluded), exp keeps its [4, 8] output
+
+
+def test_fused_head_keeps_what_the_table_assumes_measured_on_the_tiny_model(tiny_model_path) -> None:
+    from helpers.loading import load_model
+
+    model = load_model(get_profile("tiny"), four_bit=False, source=str(tiny_model_path))
+    flags = [p.requires_grad for p in model.parameters()]
+    ids = torch.randint(len(model.get_input_embeddings().weight), (4, 64), generator=torch.Generator().manual_seed(0))
+    measured = log_prob_saved_bytes(model, ids, labels=ids)
+    scored, config = 4 * 63, model.config
+    fused = log_prob_head_saved_bytes(config, scored, bytes_per_value=4)
+    assert abs(measured["fused head"] - fused) <= 0.01 * fused
+    assert abs(measured["full logits"] - scored * config.vocab_size * 4) <= 0.01 * measured["full logits"]
+    assert measured["fused head"] * 5 < measured["full logits"]
+    # the model is left as it was
+    assert "forward" not in model.__dict__ and [p.requires_grad for p in model.parameters()] == flags
+    assert not getattr(model, "_require_grads_hooks", [])
+
+
 def test_memory_table_of_the_recipe(full_profile) -> None:
-    rows = {r.item: r for r in memory_table(mistral_7b_config(), full_profile)}
+    config = mistral_7b_config()
+    rows = {r.item: r for r in memory_table(config, full_profile)}
     assert rows["LoRA adapter"].bytes == 41_943_040 * 2  # TRL 1.x casts a 4-bit model's adapter to bf16
     assert rows["LoRA gradients"].bytes == 41_943_040 * 2
     assert rows["AdamW states (32-bit)"].bytes == 41_943_040 * 8
+    assert rows["activations (estimate)"].bytes == activation_bytes(config, 8, 1536)
+    assert rows["LM head, fused (estimate)"].bytes == log_prob_head_bytes(config, 8 * 1536)
     parts = [r for r in rows.values() if r.part_of_recipe]
     assert [r.item for r in parts][0] == "weights 4-bit NF4"
-    assert rows["QLoRA training total"].bytes == sum(r.bytes for r in parts)
-    assert 8 < rows["QLoRA training total"].gib < 24  # fits a 24 GB card on paper, well inside an A100
+    assert rows["QLoRA training total (estimate)"].bytes == sum(r.bytes for r in parts)
+    assert 8 < rows["QLoRA training total (estimate)"].gib < 24  # fits a 24 GB card on paper, well inside an A100
     assert rows["weights bf16"].gib == pytest.approx(13.49, abs=0.01)
-    assert rows["full fine-tuning, for contrast"].gib > 100
+    assert not rows["full logits, for contrast"].part_of_recipe  # TRL 1.16 never allocates them
+    assert rows["full logits, for contrast"].bytes == 12_288 * 32_002 * 6
+    assert rows["full fine-tuning, for contrast (estimate)"].gib > 100
+    assert all("estimate" in r.item for r in rows.values() if r.item.startswith(("activations", "LM head", "QLoRA")))
     text = format_memory_table(list(rows.values()))
     assert "QLoRA training total" in text and "GiB" in text
+
+
+def test_adapter_dtype_follows_the_training_precision(full_profile) -> None:
+    """bf16: TRL's cast stays; fp16 (a T4) and fp32: helpers.training.prepare_trainer casts it back to fp32."""
+    for precision, width in (("bf16", 2), ("fp16", 4), ("fp32", 4)):
+        rows = {r.item: r for r in memory_table(mistral_7b_config(), full_profile, precision=precision)}
+        assert rows["LoRA adapter"].bytes == 41_943_040 * width, precision
+    with pytest.raises(ValueError, match="precision"):
+        memory_table(mistral_7b_config(), full_profile, precision="int8")
 
 
 def test_adapter_is_fp32_without_4bit(full_profile) -> None:
@@ -129,8 +208,10 @@ def test_memory_plot_is_saved(full_profile, tmp_path) -> None:
 
     rows = memory_table(mistral_7b_config(), full_profile)
     path = tmp_path / "memory.png"
-    plot_memory_table(rows, path)
+    fig = plot_memory_table(rows, path)
     assert path.stat().st_size > 1000
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(legend) == 2 and "summed in the total" in legend[0]
 
 
 def test_meta_model_builds_on_cpu_default_after_use() -> None:
