@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import warnings
 
 from helpers.colab import on_colab
@@ -31,6 +32,25 @@ def quiet_libraries() -> None:
     import datasets
 
     datasets.disable_progress_bars()  # map/filter bars: one per call would flood the outputs
+    datasets.logging.set_verbosity_error()  # "Using the latest cached version ... (offline mode is enabled)" + a path
+    show = warnings.showwarning
+    if not getattr(show, "course_short", False):
+        warnings.showwarning = _short_warnings(show)
+
+
+def _short_warnings(show):
+    """The course's own warnings (``DataWarning``) printed as ``Name: message``, without the file path and line of
+    the helper that raised them (a path of this machine, and noise for a learner); others as before."""
+    from helpers.data import DataWarning  # here, not at the top: helpers.data imports the datasets library
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"{category.__name__}: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.course_short = True
+    return showwarning
 
 
 def start(profile_name: str | None = None, seed: int = SEED, *, use_drive: bool = True) -> Profile:
