@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,9 @@ def dpo_config(profile: Profile, output_dir: str | Path, **overrides: Any) -> DP
     return DPOConfig(**dpo_config_kwargs(profile, output_dir, **overrides))
 
 
-def pairs_only(dataset):
-    """The data set with only ``prompt``, ``chosen`` and ``rejected``: what TRL's preference trainers read."""
-    return dataset.remove_columns([c for c in dataset.column_names if c not in PAIR_COLUMNS])
+def pairs_only(dataset, keep: tuple[str, ...] = ()):
+    """The data set with only ``prompt``, ``chosen`` and ``rejected`` (and ``keep``): what TRL's trainers read."""
+    return dataset.remove_columns([c for c in dataset.column_names if c not in (*PAIR_COLUMNS, *keep)])
 
 
 def trainable_dtype(precision: str) -> torch.dtype:
@@ -150,27 +151,37 @@ def prepare_trainer(trainer, profile: Profile, *, progress: bool = True, desc: s
     return trainer
 
 
-def build_trainer(
+def dpo_trainer(
     profile: Profile, model, tokenizer, train_dataset, output_dir: str | Path, *, progress: bool = True,
-    ref_model=None, **overrides: Any,
+    ref_model=None, trainer_class: type[DPOTrainer] = DPOTrainer, keep_columns: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> DPOTrainer:
-    """A prepared ``DPOTrainer`` with the profile's LoRA adapter and ``ref_model=None`` (notebook 04 shows the call).
+    """The ``DPOTrainer`` of notebook 04's cell (profile's LoRA adapter, ``ref_model=None``), not yet prepared.
 
     With an adapter, the reference model is the same network with the adapter switched off, so no second copy of
     the base weights is loaded (the seed's first version loaded one and paid for it; ``ref_model=`` a second loaded
-    model does that again, for the benchmarks that measure what it costs).
+    model does that again, for the benchmarks that measure what it costs). ``trainer_class`` and ``keep_columns``
+    let notebook 08 train on reference log-probs computed once for all its variants.
     """
     if not progress:
         overrides.setdefault("disable_tqdm", True)
     with contextlib.nullcontext() if progress else no_bars():  # the reference pass of precompute_ref_log_probs
-        trainer = DPOTrainer(
+        return trainer_class(
             model=model,
             ref_model=ref_model,
             args=dpo_config(profile, output_dir, **overrides),
-            train_dataset=pairs_only(train_dataset),
+            train_dataset=pairs_only(train_dataset, keep=keep_columns),
             processing_class=tokenizer,
             peft_config=lora_config(profile),
         )
+
+
+def build_trainer(
+    profile: Profile, model, tokenizer, train_dataset, output_dir: str | Path, *, progress: bool = True,
+    **options: Any,
+) -> DPOTrainer:
+    """:func:`dpo_trainer`, prepared (:func:`prepare_trainer`): ready for ``trainer.train()``."""
+    trainer = dpo_trainer(profile, model, tokenizer, train_dataset, output_dir, progress=progress, **options)
     return prepare_trainer(trainer, profile, progress=progress)
 
 
@@ -272,6 +283,23 @@ def with_training_overrides(profile: Profile, overrides: dict[str, Any]) -> Prof
     return profile.replace("training", **{k: v for k, v in overrides.items() if k in fields})
 
 
+def train_with(profile: Profile, run_folder: str | Path, build: Callable[[Any, Any], Any], *, progress: bool = True,
+               desc: str = "DPO steps", resume: str | None = None) -> TrainOutcome:
+    """The sequence every preference run of the course shares: seed, load the tokenizer and the model, build the
+    trainer (``build(model, tokenizer)``), prepare it (:func:`prepare_trainer`), train, save (:func:`finish_run`).
+
+    DPO (:func:`train_dpo`), ORPO and notebook 08's shared-reference DPO differ only in ``build``.
+    """
+    run_folder = Path(run_folder)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    set_seed(profile.training.seed)
+    source = model_source(profile)
+    tokenizer = load_tokenizer(profile, source)
+    model = load_model(profile, source=source)
+    trainer = prepare_trainer(build(model, tokenizer), profile, progress=progress, desc=desc)
+    return finish_run(trainer, profile, run_folder, timed_train(trainer, resume))
+
+
 def train_dpo(
     profile: Profile,
     run_folder: str | Path,
@@ -286,18 +314,15 @@ def train_dpo(
     ``resume=True`` continues from the newest checkpoint in ``<run>/checkpoints`` (or a given path);
     ``overrides`` are ``DPOConfig`` fields (``max_steps=20``, ``report_to="wandb"``, ...).
     """
-    run_folder = Path(run_folder)
-    run_folder.mkdir(parents=True, exist_ok=True)
     checkpoint = resume_from(run_folder, resume)
     profile = with_training_overrides(profile, overrides)
-    set_seed(profile.training.seed)
-    source = model_source(profile)
-    tokenizer = load_tokenizer(profile, source)
-    data = data or prepare_data(profile, tokenizer)
-    model = load_model(profile, source=source)
-    trainer = build_trainer(profile, model, tokenizer, data.train, run_folder / CHECKPOINTS_DIRNAME,
-                            progress=progress, **overrides)
-    return finish_run(trainer, profile, run_folder, timed_train(trainer, checkpoint))
+
+    def build(model, tokenizer):
+        pairs = (data or prepare_data(profile, tokenizer)).train
+        return dpo_trainer(profile, model, tokenizer, pairs, Path(run_folder) / CHECKPOINTS_DIRNAME,
+                           progress=progress, **overrides)
+
+    return train_with(profile, run_folder, build, progress=progress, resume=checkpoint)
 
 
 def log_history_table(trainer) -> list[dict[str, float]]:

@@ -132,7 +132,6 @@ def execute_copy(path: Path, out_path: Path, *, parameters: dict[str, object] | 
 NEEDS = {
     "05_merging": ("04_dpo_training",),  # the adapter
     "06_evaluation": ("05_merging",),  # the merged model
-    "08_beyond_dpo": ("06_evaluation",),  # 06's plain-DPO run, reused
     "09_export_gguf": ("05_merging",),  # the merged model
     "10_on_policy_dpo": ("04_dpo_training",),  # the off-policy run it compares with
 }

@@ -1,4 +1,12 @@
-"""DPO from scratch (helpers.dpo_from_scratch) against hand-computed values and against TRL's own DPOTrainer."""
+"""Notebook 07's plumbing (helpers.dpo_from_scratch) against TRL's own DPOTrainer.
+
+Notebook 07 writes the DPO loss in its own cells and checks it there, cell by cell, against
+``trl_batch_metrics`` (TRL's ``DPOTrainer.compute_loss`` on the same batch); nbval runs those self-checks in CI.
+These tests prove the plumbing those checks rely on: that a batch from ``preference_batch`` and the numbers
+``trl_batch_metrics`` reads back are the ones a hand-written DPO must reproduce. For that they carry their own small
+reference implementation (plain logits, the shift by one, the answer mask, the adapter switched off), written
+from the paper and TRL's loss formulas, not imported from anywhere in the course.
+"""
 
 from __future__ import annotations
 
@@ -6,51 +14,45 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import dpo_from_scratch as ds
 
-BETA = 0.1
 PAIRS = 4
 
 
-def test_sequence_logps_counts_answer_tokens_only():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)  # [N, T, V]
-    input_ids = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 1, 0, 0]])
-    completion = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])  # prompt 0, answer 1, padding 0
-    logp = torch.log_softmax(logits, dim=-1)
-    expected = torch.stack([logp[0, 1, 3] + logp[0, 2, 4], logp[1, 0, 6] + logp[1, 1, 1]])
-    assert torch.allclose(ds.sequence_logps(logits, input_ids, completion), expected)
-    # what the model says at prompt and padding positions does not count
-    noisy = logits.clone()
-    noisy[0, 0], noisy[0, 3:], noisy[1, 2:] = 100.0, -50.0, 3.0
-    assert torch.allclose(ds.sequence_logps(noisy, input_ids, completion)[0], expected[0])
-    with pytest.raises(ValueError, match="shapes do not match"):
-        ds.sequence_logps(logits, input_ids[:, :4], completion)
+# --- a reference implementation, for these tests only -----------------------------------------------------------
 
 
-def test_dpo_loss_by_hand():
-    same = torch.tensor([-3.0, -7.0])
-    start = ds.dpo_loss(same, same - 1, same, same - 1, BETA)
-    assert start.loss.item() == pytest.approx(math.log(2)), "policy == reference: every pair's loss is ln 2"
-    assert start.margins.abs().max().item() == 0.0
-
-    out = ds.dpo_loss(torch.tensor([-2.0]), torch.tensor([-9.0]), torch.tensor([-4.0]), torch.tensor([-8.0]), BETA)
-    # log-ratios: chosen +2, rejected -1 -> rewards 0.2 and -0.1, margin 0.3, loss -log sigmoid(0.3)
-    assert out.chosen_rewards.item() == pytest.approx(0.2)
-    assert out.rejected_rewards.item() == pytest.approx(-0.1)
-    assert out.margins.item() == pytest.approx(0.3)
-    assert out.loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.3))))
-    assert out.accuracies.item() == 1.0
+def answer_logps(model, batch, *, adapter: bool = True, per_token: bool = False):
+    """Log-probs of the answers of a TRL batch ([2B], or [2B, T-1] per token), adapter on or off."""
+    with torch.no_grad():
+        if adapter:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        else:
+            with model.disable_adapter():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    token = token * batch["completion_mask"][:, 1:]
+    return token if per_token else token.sum(-1)
 
 
-def test_gradient_weight_is_sigmoid_of_minus_margin():
-    delta = torch.tensor([-20.0, -2.0, 0.0, 3.0, 40.0], requires_grad=True)  # log-ratio margins
-    loss = -torch.nn.functional.logsigmoid(BETA * delta).sum()
-    loss.backward()
-    expected = -BETA * ds.gradient_weight(BETA * delta.detach())
-    assert torch.allclose(delta.grad, expected, atol=1e-7)
-    assert ds.gradient_weight(torch.tensor(0.0)).item() == 0.5
+def reference_metrics(model, batch, beta: float) -> dict[str, float]:
+    policy_chosen, policy_rejected = answer_logps(model, batch).chunk(2)
+    ref_chosen, ref_rejected = answer_logps(model, batch, adapter=False).chunk(2)
+    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    return {
+        "loss": -F.logsigmoid(chosen - rejected).mean().item(),
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "logps/chosen": policy_chosen.mean().item(),
+        "logps/rejected": policy_rejected.mean().item(),
+    }
+
+
+# --- the plumbing --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -77,49 +79,65 @@ def trainer_and_batch(tiny_model_path, tmp_path_factory):
     return trainer, ds.preference_batch(trainer, range(PAIRS)), profile.dpo.beta
 
 
+def test_the_trainer_runs_trls_per_step_reference_pass(trainer_and_batch):
+    trainer, _, _ = trainer_and_batch
+    assert not trainer.precompute_ref_logps, "the scratch code's reference pass is compared with TRL's own"
+    assert trainer.loss_types == ["sigmoid"] and trainer.ref_model is None
+
+
 def test_batch_is_trls_layout(trainer_and_batch):
     _, batch, _ = trainer_and_batch
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
     assert batch["input_ids"].shape[0] == 2 * PAIRS
     assert (batch["completion_mask"] <= batch["attention_mask"]).all(), "answer tokens are never padding"
+    assert (batch["completion_mask"][:, 0] == 0).all(), "every sequence starts with prompt tokens"
 
 
-def test_scratch_equals_trl_dpo_trainer(trainer_and_batch):
+def test_a_hand_written_dpo_equals_trls_compute_loss(trainer_and_batch):
     trainer, batch, beta = trainer_and_batch
-    mine = ds.dpo_from_scratch(trainer.model, batch, beta).output
-    assert mine.margins.abs().min().item() > 1e-3, "the rewards should not be zero: is the adapter still at B = 0?"
-    theirs = ds.trl_batch_metrics(trainer, batch)  # TRL's own DPOTrainer.compute_loss
-    mine_metrics = mine.metrics()
+    mine = reference_metrics(trainer.model, batch, beta)
+    assert abs(mine["rewards/margins"]) > 1e-3, "the rewards should not be zero: is the adapter still at B = 0?"
+    theirs = ds.trl_batch_metrics(trainer, batch)  # TRL's own DPOTrainer.compute_loss, fused LM head
     for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        difference = abs(mine_metrics[name] - theirs[name])
-        assert difference <= 1e-5, f"{name}: scratch {mine_metrics[name]}, TRL {theirs[name]}"
+        assert abs(mine[name] - theirs[name]) <= 1e-5, f"{name}: by hand {mine[name]}, TRL {theirs[name]}"
     for name in ("logps/chosen", "logps/rejected"):  # sums over answer tokens: float32 rounding grows with length
-        assert mine_metrics[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-5), name
+        assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-5), name
+    rows = ds.compare_metrics({**mine, "not_in_trl": 1.0}, theirs)
+    assert [r[0] for r in rows] == list(mine) and all(r[3] == abs(r[1] - r[2]) for r in rows)
 
 
-def test_trl_metrics_leave_the_trainer_untouched(trainer_and_batch):
-    trainer, batch, _ = trainer_and_batch
+def test_trl_metrics_swap_the_loss_for_one_call_only(trainer_and_batch):
+    """What the exercises check against: TRL's hinge, IPO and sigmoid + SFT losses on the same batch."""
+    trainer, batch, beta = trainer_and_batch
     before = {k: list(v) for k, v in trainer._metrics["eval"].items()}
     losses_before = trainer.loss_types
-    ipo = ds.trl_batch_metrics(trainer, batch, loss_type=["ipo"])
+    policy_chosen, policy_rejected = answer_logps(trainer.model, batch).chunk(2)
+    ref_chosen, ref_rejected = answer_logps(trainer.model, batch, adapter=False).chunk(2)
+    delta = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    lengths_chosen, lengths_rejected = batch["completion_mask"].sum(1).chunk(2)
+    per_token = (policy_chosen - ref_chosen) / lengths_chosen - (policy_rejected - ref_rejected) / lengths_rejected
+    chosen_tokens = answer_logps(trainer.model, batch, per_token=True)[:PAIRS]
+    nll = -chosen_tokens.sum() / batch["completion_mask"][:PAIRS, 1:].sum()  # mean over all chosen answer tokens
+    expected = {
+        ("hinge",): torch.relu(1 - beta * delta).mean().item(),
+        ("ipo",): ((per_token - 1 / (2 * beta)) ** 2).mean().item(),
+        ("sigmoid", "sft"): (-F.logsigmoid(beta * delta).mean() + nll).item(),
+    }
     sigmoid = ds.trl_batch_metrics(trainer, batch)
-    assert ipo["loss"] != pytest.approx(sigmoid["loss"]), "loss_type should switch TRL's loss for that call"
-    assert ipo["rewards/margins"] == pytest.approx(sigmoid["rewards/margins"])
+    for loss_type, value in expected.items():
+        found = ds.trl_batch_metrics(trainer, batch, loss_type=list(loss_type))
+        assert found["loss"] == pytest.approx(value, rel=1e-5, abs=1e-6), loss_type
+        assert found["rewards/margins"] == pytest.approx(sigmoid["rewards/margins"]), "the rewards do not change"
     assert dict(trainer._metrics["eval"]) == before and trainer.loss_types is losses_before
 
 
-def test_analytic_weight_equals_autograd_on_the_model(trainer_and_batch):
-    trainer, batch, beta = trainer_and_batch
-    result = ds.dpo_from_scratch(trainer.model, batch, beta, with_grad=True)
-    result.output.loss.backward()
-    trainer.model.zero_grad(set_to_none=True)
-    weight = ds.gradient_weight(result.output.margins)  # [B]
-    pairs = len(weight)
-    assert torch.allclose(result.policy_chosen_logps.grad, -beta * weight / pairs, atol=1e-8)
-    assert torch.allclose(result.policy_rejected_logps.grad, beta * weight / pairs, atol=1e-8)
-
-
-def test_plot_gradient_weight(tmp_path):
-    fig = ds.plot_gradient_weight([-1.0, 0.2, 2.5], BETA, tmp_path / "plots" / "w.png")
+def test_plot_gradient_weight_draws_what_autograd_says(tmp_path):
+    fig = ds.plot_gradient_weight([-1.0, 0.2, 2.5], 0.1, tmp_path / "plots" / "w.png")
     assert (tmp_path / "plots" / "w.png").stat().st_size > 1000
     assert len(fig.axes) == 1
+    line = fig.axes[0].lines[0]
+    margin = torch.tensor(line.get_xdata(), dtype=torch.float64, requires_grad=True)  # z = beta * delta
+    (-F.logsigmoid(margin)).sum().backward()  # each pair's loss as a function of its margin
+    assert torch.allclose(torch.tensor(line.get_ydata(), dtype=torch.float64), -margin.grad, atol=1e-6)
+    dots = fig.axes[0].collections[0].get_offsets()
+    assert [round(float(y), 4) for y in dots[:, 1]] == [round(1 / (1 + math.exp(m)), 4) for m in (-1.0, 0.2, 2.5)]

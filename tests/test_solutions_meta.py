@@ -103,7 +103,8 @@ def test_solution_follows_the_skeleton(course):
     assert solution[2].get("metadata", {}).get("tags") == ["parameters"], "cell 3 must be the tagged parameters cell"
     assert "PROFILE = None" in source(solution[2])
     start = source(solution[3])
-    assert start.startswith("# NBVAL_IGNORE_OUTPUT") and "profile = notebook.start(PROFILE, use_drive=USE_DRIVE)" in start
+    assert start.startswith("# NBVAL_IGNORE_OUTPUT")
+    assert "profile = notebook.start(PROFILE, use_drive=USE_DRIVE)" in start
 
 
 @pytest.mark.parametrize("course", COURSE, ids=IDS)
