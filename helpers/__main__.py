@@ -28,10 +28,14 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
-    """Build (or reuse from the cache) the tiny chat model and print its folder."""
+    """Build (or reuse from the cache) the tiny chat model and print its folder (relative to the repository)."""
+    from helpers.notebook import quiet_libraries
+
+    quiet_libraries()  # before transformers is imported: bitsandbytes logs on import
+    from helpers.paths import display_path
     from helpers.tiny_model import build_tiny_model
 
-    print(build_tiny_model(force=args.force, progress=not args.quiet))
+    print(display_path(build_tiny_model(force=args.force, progress=not args.quiet)))
     return 0
 
 

@@ -5,12 +5,15 @@ cells every notebook shares (the Colab install cell, the Drive parameter, the st
     python scripts/nbtools.py strip notebooks/*.ipynb
     python scripts/nbtools.py stamp notebooks/*.ipynb solutions/*.ipynb
     python scripts/nbtools.py course OUT_DIR notebooks/*.ipynb      # the course command's runner (2 at a time)
+    python scripts/nbtools.py costs                                 # docs/costs.csv -> README and notebook headers
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,8 +21,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from helpers.course import COLAB_METADATA, INSTALL_CELL, USE_DRIVE_LINE
-from helpers.paths import OFFLINE_ENV
+from helpers.course import COLAB_METADATA, INSTALL_CELL, NOTEBOOK_COLAB_URL, USE_DRIVE_LINE
+from helpers.paths import OFFLINE_ENV, REPO_ROOT
 
 NOTEBOOK_ENV = {**OFFLINE_ENV, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
 
@@ -137,6 +140,13 @@ NEEDS = {
 }
 
 
+def lanes(notebooks: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split notebooks into two lanes that can run side by side: the ones linked through run folders (NEEDS) in
+    course order, and the rest. Each lane is a list to run in order (nbval in CI)."""
+    linked = {name for name, needs in NEEDS.items() for name in (name, *needs)}
+    return ([p for p in notebooks if p.stem in linked], [p for p in notebooks if p.stem not in linked])
+
+
 def run_course(notebooks: list[Path], out_dir: Path, *, jobs: int = 2, timeout: int = 1200) -> dict[str, float]:
     """Execute the notebooks (executed copies in ``out_dir``), ``jobs`` at a time, each after the notebooks it
     needs (:data:`NEEDS`); returns the seconds each took. Every kernel uses one torch thread (helpers.notebook), so
@@ -177,8 +187,72 @@ def run_course(notebooks: list[Path], out_dir: Path, *, jobs: int = 2, timeout: 
     return seconds
 
 
+COSTS_FILE = REPO_ROOT / "docs" / "costs.csv"
+COST_PARAGRAPH = re.compile(r"\*\*Cost(\*\*[:.]|[:.]\*\*).*?(?=\n\n|\Z)", re.S)  # **Cost**: / **Cost.**
+README_BLOCKS = ("notebooks", "colab")  # README sections written from the cost table, between marker comments
+
+
+def read_costs(path: Path = COSTS_FILE) -> dict[str, dict[str, str]]:
+    """The course's one table of costs, by notebook name (columns: cpu_seconds, t4, a100, memory)."""
+    with path.open(encoding="utf-8", newline="") as f:
+        return {row["notebook"]: row for row in csv.DictReader(f)}
+
+
+def cost_line(row: dict[str, str]) -> str:
+    """A notebook's **Cost** paragraph, written from its row of docs/costs.csv."""
+    return (f"**Cost** ([docs/costs.csv](../docs/costs.csv)): CPU, `tiny` profile: {row['cpu_seconds']} s "
+            f"(measured, one notebook at a time on 2 cores) · free Colab T4, `t4` profile: {row['t4']} · one A100, "
+            f"`full` profile: {row['a100']}. {row['memory']}")
+
+
+def readme_block(name: str, costs: dict[str, dict[str, str]], titles: dict[str, tuple[str, str]]) -> str:
+    """The README table ``name`` (``notebooks`` or ``colab``) from the cost table and the notebooks' titles."""
+    if name == "notebooks":
+        lines = ["| # | notebook | what you learn | CPU (tiny, measured) |", "| --- | --- | --- | --- |"]
+        for nb, row in costs.items():
+            title, learn = titles[nb]
+            badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+                     f"({NOTEBOOK_COLAB_URL.format(name=nb + '.ipynb')})")
+            lines.append(f"| {nb[:2]} | [{title}](notebooks/{nb}.ipynb) {badge} | {learn} | {row['cpu_seconds']} s |")
+        return "\n".join(lines)
+    lines = ["| notebook | free Colab T4 (`t4`) | one A100 (`full`) |", "| --- | --- | --- |"]
+    lines += [f"| {nb[:2]} {titles[nb][0]} | {row['t4']} | {row['a100']} |" for nb, row in costs.items()]
+    return "\n".join(lines)
+
+
+def stamp_costs(readme: Path = REPO_ROOT / "README.md") -> None:
+    """Write every notebook's **Cost** paragraph and the README's two cost tables from docs/costs.csv."""
+    costs = read_costs()
+    titles = {}
+    for name, row in costs.items():
+        path = REPO_ROOT / "notebooks" / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        title = nb.cells[0].source.splitlines()[0].split("·", 1)[1].strip()
+        titles[name] = (title, row["learn"])
+        if not COST_PARAGRAPH.search(nb.cells[0].source):
+            raise ValueError(f"{path.name}: its title cell has no **Cost** paragraph to replace")
+        line = cost_line(row)
+        nb.cells[0].source = COST_PARAGRAPH.sub(lambda _match, line=line: line, nb.cells[0].source, count=1)
+        nbformat.write(nb, path)
+    text = readme.read_text(encoding="utf-8")
+    for block in README_BLOCKS:
+        start, end = f"<!-- costs:{block} -->", f"<!-- /costs:{block} -->"
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = f"{before}{start}\n{readme_block(block, costs, titles)}\n{end}{after}"
+    readme.write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str]) -> int:
     """Command line entry point."""
+    if argv[:1] == ["costs"]:
+        stamp_costs()
+        return 0
+    if argv[:1] == ["lanes"]:  # two lines: the notebooks of each lane, each followed by its solutions
+        for lane in lanes(sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))):
+            solutions = [Path("solutions") / f"{p.stem}_solutions.ipynb" for p in lane]
+            print(" ".join(str(p) for p in [*lane, *(s for s in solutions if s.exists())]))
+        return 0
     if len(argv) < 2 or argv[0] not in {"execute", "strip", "stamp", "course"}:
         print(__doc__)
         return 2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What CI runs: set up, build the tiny model, then ruff, the helper tests (pytest tests/) and every
-# notebook executed by nbval (pytest --nbval-lax) with the tiny profile and no network.
+# What CI runs: set up, build the tiny model, then ruff, the helper tests (pytest tests/, two workers) and every
+# notebook and solution executed by nbval (pytest --nbval-lax, two lanes) with the tiny profile and no network.
 # Every check runs even when an earlier one failed; the exit code is non-zero if any failed.
 set -euo pipefail
 
@@ -39,24 +39,43 @@ check() {
 step "tiny chat model (cached; a first build trains it for a few minutes)"
 quiet=(); if [[ ! -t 1 ]]; then quiet=(--quiet); fi  # no progress bars in a log
 "$PY" -m helpers build-tiny "${quiet[@]}"  # everything below needs it: a failure stops here
+"$PY" -c "from helpers.standins import build_standins; build_standins()"  # the GPU paths' tests share them
 
 step "ruff check ."
 check "ruff" "$PY" -m ruff check .
 
-step "helper tests: pytest tests"
-check "pytest tests/" "$PY" -m pytest -p no:cacheprovider -q tests
+step "helper tests: pytest tests (two workers, a test file per worker)"
+check "pytest tests/" "$PY" -m pytest -p no:cacheprovider -q -n 2 --dist loadfile tests
 
-for dir in notebooks solutions; do
-  [[ -d "$dir" ]] || continue
-  if ! find "$dir" -maxdepth 1 -name '*.ipynb' -type f | grep -q .; then
-    step "nbval $dir/: no notebooks in $dir/ yet, skipped"
-    continue
-  fi
-  step "notebooks: pytest --nbval-lax $dir/ (COURSE_PROFILE=tiny, offline)"
-  # one limit per cell, 20 min, for both nbval and pytest-timeout (whose 900 s default is for tests/)
-  check "nbval $dir/" "$PY" -m pytest -p no:cacheprovider -q --nbval-lax --nbval-current-env \
-    --nbval-cell-timeout=1200 --timeout=1200 "$dir"
-done
+# nbval: every notebook, then its solutions, in two lanes side by side (scripts/nbtools.py lanes): the notebooks
+# that read each other's run folders (04 -> 05 -> 06, 09, 10) in course order in one, the others in the other.
+# One limit per cell, 20 min, for both nbval and pytest-timeout (whose 900 s default is for tests/).
+if find notebooks -maxdepth 1 -name '*.ipynb' -type f | grep -q .; then
+  step "notebooks and solutions: pytest --nbval-lax, two lanes (COURSE_PROFILE=tiny, offline)"
+  mapfile -t lane_lines < <("$PY" scripts/nbtools.py lanes)
+  logs="$(mktemp -d)"
+  pids=()
+  for i in "${!lane_lines[@]}"; do
+    read -r -a lane <<< "${lane_lines[$i]}"
+    (( ${#lane[@]} )) || continue
+    "$PY" -m pytest -p no:cacheprovider -q --nbval-lax --nbval-current-env \
+      --nbval-cell-timeout=1200 --timeout=1200 "${lane[@]}" > "$logs/lane$i.log" 2>&1 &
+    pids+=("$!:$i")
+  done
+  for entry in "${pids[@]}"; do
+    pid="${entry%%:*}" i="${entry##*:}" rc=0
+    wait "$pid" || rc=$?
+    echo "[checks] nbval lane $i: ${lane_lines[$i]}"
+    tail -n 25 "$logs/lane$i.log"
+    if (( rc != 0 )); then
+      echo "[checks] FAILED: nbval lane $i (exit code $rc)" >&2
+      failed+=("nbval lane $i")
+    fi
+  done
+  rm -rf "$logs"
+else
+  step "nbval: no notebooks in notebooks/ yet, skipped"
+fi
 
 echo
 if (( ${#failed[@]} )); then
