@@ -56,3 +56,21 @@ def other_model_path(tiny_model_path, tmp_path_factory) -> Path:
     wrapped.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def naive_answer_logprob():
+    """The textbook answer log-likelihood, an independent reference for the course's batched scoring: one sequence,
+    no padding, PyTorch's full log-softmax in float64, summed over the answer's tokens."""
+    import torch
+
+    def logprob(model, tokenizer, prompt: str, answer: str) -> float:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        assert ids[: len(prompt_ids)] == prompt_ids  # ChatML prompts end in "\n": the answer starts a new token
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return sum(log_probs[t - 1, ids[t]].item() for t in range(len(prompt_ids), len(ids)))
+
+    return logprob

@@ -23,22 +23,12 @@ QUESTIONS = ["What is a spoon used for?", "What is a key used for?", "How do I m
 ANSWERS = ["A spoon is used for eating soup.<|im_end|>", "It opens a lock.<|im_end|>", "Boil water.<|im_end|>"]
 
 
-def _naive_answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
-    """The answer's log-likelihood the textbook way: one sequence, the full log-softmax, summed over answer tokens."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-    assert ids[: len(prompt_ids)] == prompt_ids  # ChatML prompts end in "\n": the answer starts a new token
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    return sum(log_probs[t - 1, ids[t]].item() for t in range(len(prompt_ids), len(ids)))
-
-
-def test_answer_logprobs_equal_the_full_log_softmax_one_sequence_at_a_time(model, tokenizer) -> None:
+def test_answer_logprobs_equal_the_full_log_softmax_one_sequence_at_a_time(model, tokenizer,
+                                                                          naive_answer_logprob) -> None:
     prompts = [render_prompt(tokenizer, "", q) for q in QUESTIONS]
     sums, counts = ev.answer_logprobs(model, tokenizer, prompts, ANSWERS, batch_size=2)  # padded batches
     for i, (prompt, answer) in enumerate(zip(prompts, ANSWERS)):
-        assert sums[i].item() == pytest.approx(_naive_answer_logprob(model, tokenizer, prompt, answer), abs=2e-4)
+        assert sums[i].item() == pytest.approx(naive_answer_logprob(model, tokenizer, prompt, answer), abs=2e-4)
         assert counts[i].item() == len(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
@@ -204,3 +194,10 @@ def test_a_folder_without_a_model_or_a_bad_name_is_refused(tmp_path) -> None:
         ev.check_model_reference(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a model folder"):
         ev.check_model_reference("not a model")
+
+
+def test_lm_eval_limit_defaults_per_profile() -> None:
+    """A free T4 evaluates 100 documents per task unless asked otherwise (the card's nine tasks in full would take
+    hours there); tiny and full evaluate every document."""
+    assert [ev.default_lm_eval_limit(name) for name in ("tiny", "t4", "full")] == [None, 100, None]
+    assert ev.default_lm_eval_limit("t4", 8) == 8 and ev.default_lm_eval_limit("full", 0.5) == 0.5

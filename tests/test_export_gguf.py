@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -117,26 +118,35 @@ def test_plan_names_shapes_and_types(merged_dir):
         gx.gguf_tensor_type((16, 128), "q4_0")
 
 
-def test_f32_round_trip_is_bit_identical(merged, exported):
-    model, tokenizer = merged
-    reloaded, reloaded_tokenizer = gx.load_gguf(exported["f32"])
-    assert reloaded.config.model_type == "llama"
-    original = gx.prompt_logits(model, tokenizer, PROMPTS)
-    for a, b in zip(original, gx.prompt_logits(reloaded, reloaded_tokenizer, PROMPTS)):
+def _assert_f32_identical(model, tokenizer, path: Path, prompts: list[str]):
+    """The f32 file reloaded by transformers gives the merged model's logits bit for bit; returns the reload."""
+    reloaded, reloaded_tokenizer = gx.load_gguf(path)
+    original = gx.prompt_logits(model, tokenizer, prompts)
+    for a, b in zip(original, gx.prompt_logits(reloaded, reloaded_tokenizer, prompts)):
         assert torch.equal(a, b), f"f32 logits differ by {(a - b).abs().max().item()}"
+    return reloaded
+
+
+def _assert_rounding_only(model, tokenizer, path: Path, dtype: str, prompts: list[str]) -> None:
+    """A rounded file reloaded gives exactly what rounding the weights the same way gives - nothing else is lost or
+    changed - and differs from the merged model by less than that type's bound."""
+    reloaded, reloaded_tokenizer = gx.load_gguf(path)
+    from_file = gx.prompt_logits(reloaded, reloaded_tokenizer, prompts)
+    assert largest_difference(gx.prompt_logits(gx.rounded_copy(model, dtype), tokenizer, prompts), from_file) == 0
+    original = gx.prompt_logits(model, tokenizer, prompts)
+    scale = max(logits.abs().max().item() for logits in original)
+    difference = largest_difference(original, from_file)
+    assert 0 < difference < MAX_RELATIVE_LOGIT_DIFF[dtype] * scale, f"{dtype}: {difference} for logits up to {scale}"
+
+
+def test_f32_round_trip_is_bit_identical(merged, exported):
+    reloaded = _assert_f32_identical(*merged, exported["f32"], PROMPTS)
+    assert reloaded.config.model_type == "llama"
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_f16_and_q8_0_differ_only_by_rounding(merged, exported, dtype):
-    model, tokenizer = merged
-    reloaded, reloaded_tokenizer = gx.load_gguf(exported[dtype])
-    from_file = gx.prompt_logits(reloaded, reloaded_tokenizer, PROMPTS)
-    # exactly what rounding the weights the same way gives: nothing else is lost or changed
-    assert largest_difference(gx.prompt_logits(gx.rounded_copy(model, dtype), tokenizer, PROMPTS), from_file) == 0
-    original = gx.prompt_logits(model, tokenizer, PROMPTS)
-    scale = max(logits.abs().max().item() for logits in original)
-    difference = largest_difference(original, from_file)
-    assert 0 < difference < MAX_RELATIVE_LOGIT_DIFF[dtype] * scale, f"{dtype}: {difference} for logits up to {scale}"
+    _assert_rounding_only(*merged, exported[dtype], dtype, PROMPTS)
 
 
 def test_file_types_and_sizes(merged_dir, exported):
@@ -370,26 +380,15 @@ def test_qwen2_plan_types(qwen_dir, tmp_path):
 
 
 def test_qwen2_f32_round_trip_is_bit_identical(qwen, qwen_files):
-    model, tokenizer = qwen
-    reloaded, reloaded_tokenizer = gx.load_gguf(qwen_files["f32"])
+    reloaded = _assert_f32_identical(*qwen, qwen_files["f32"], QWEN_PROMPTS)
     assert type(reloaded).__name__ == "Qwen2ForCausalLM" and reloaded.config.tie_word_embeddings
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr(), "head tied again"
-    original = gx.prompt_logits(model, tokenizer, QWEN_PROMPTS)
-    for a, b in zip(original, gx.prompt_logits(reloaded, reloaded_tokenizer, QWEN_PROMPTS)):
-        assert torch.equal(a, b), f"f32 logits differ by {(a - b).abs().max().item()}"
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_qwen2_f16_and_q8_0_differ_only_by_rounding(qwen, qwen_files, dtype):
-    model, tokenizer = qwen
-    reloaded, reloaded_tokenizer = gx.load_gguf(qwen_files[dtype])
-    from_file = gx.prompt_logits(reloaded, reloaded_tokenizer, QWEN_PROMPTS)
-    assert largest_difference(gx.prompt_logits(gx.rounded_copy(model, dtype), tokenizer, QWEN_PROMPTS), from_file) == 0
-    original = gx.prompt_logits(model, tokenizer, QWEN_PROMPTS)
-    scale = max(logits.abs().max().item() for logits in original)
-    difference = largest_difference(original, from_file)
     # measured: f16 2.4e-4 and q8_0 6.7e-4 of the largest |logit| (0.82); q8_0 only on down_proj here (see above)
-    assert 0 < difference < MAX_RELATIVE_LOGIT_DIFF[dtype] * scale, f"{dtype}: {difference} for logits up to {scale}"
+    _assert_rounding_only(*qwen, qwen_files[dtype], dtype, QWEN_PROMPTS)
 
 
 def test_qwen2_hyperparameters_read_back_by_transformers(qwen_dir, qwen_files):

@@ -139,3 +139,26 @@ def test_automatic_choice_on_cpu_is_tiny(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_gpu_profile_on_cpu_is_refused_pointing_to_tiny(name: str) -> None:
     with pytest.raises(RuntimeError, match="'tiny'"):
         get_profile(name)
+
+
+@pytest.mark.parametrize(("memory", "expected"), [(79.1, "full"), (39.4, "full"), (31.7, "t4"), (23.6, "t4"),
+                                                  (14.6, "t4")])
+def test_the_gpu_memory_decides_between_t4_and_full(monkeypatch, memory: float, expected: str) -> None:
+    """A "40 GB" A100 reports about 39.4 GiB and gets the card's recipe; 32 GB and smaller cards get t4."""
+    from helpers import hardware
+
+    monkeypatch.delenv(PROFILE_ENV_VAR, raising=False)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(hardware, "gpu_total_memory_gib", lambda device=0: memory)
+    name, why = resolve_profile_name()
+    assert name == expected and f"{memory:.1f} GiB" in why
+
+
+def test_the_start_line_says_how_the_profile_was_chosen(monkeypatch, capsys) -> None:
+    from helpers import notebook
+
+    monkeypatch.setenv(PROFILE_ENV_VAR, "tiny")
+    notebook.start(None, use_drive=False)  # what every notebook does with PROFILE = None under CI's environment
+    assert capsys.readouterr().out.startswith("profile: tiny (set by $COURSE_PROFILE)")
+    notebook.start("tiny", use_drive=False)
+    assert capsys.readouterr().out.startswith("profile: tiny (asked for explicitly)")

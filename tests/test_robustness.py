@@ -486,3 +486,84 @@ def test_run_folder_is_named_by_profile_and_run_id(monkeypatch, tmp_path) -> Non
 
     monkeypatch.setenv("COURSE_OUTPUT_DIR", str(tmp_path))
     assert run_dir("t4", "lr-sweep-2") == tmp_path / "runs" / "t4-lr-sweep-2"
+
+
+# --- what a learner's own data set brings: empty files, odd encodings, blank system prompts, control strings --------
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n"])
+def test_an_empty_data_file_is_refused_naming_it(tmp_path: Path, content: str) -> None:
+    (tmp_path / "train.jsonl").write_text(content, encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"train\.jsonl holds no usable preference pairs \(the file is empty"):
+        load_local_split("train", data_dir=tmp_path)
+
+
+def test_a_file_left_empty_by_identical_pairs_is_refused(tmp_path: Path) -> None:
+    with pytest.warns(DataWarning), pytest.raises(DataValidationError, match="after dropping the pairs"):
+        load_local_split("train", data_dir=write_split(tmp_path, [{**GOOD, "rejected": GOOD["chosen"]}]))
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    row = json.dumps({**GOOD, "question": "Caf\u00e9?"}, ensure_ascii=False)  # é as one cp1252 byte, not \\u00e9
+    (tmp_path / "train.jsonl").write_bytes(row.encode("cp1252") + b"\n")
+    with pytest.raises(DataValidationError, match=r"train\.jsonl is not UTF-8 text"):
+        load_local_split("train", data_dir=tmp_path)
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode("utf-8"))
+    assert load_local_split("train", data_dir=tmp_path)["question"] == [GOOD["question"]]
+
+
+def test_a_system_prompt_of_spaces_renders_no_system_turn(tmp_path: Path, tokenizer) -> None:
+    from helpers.chatml import render_prompt
+
+    split = load_local_split("train", data_dir=write_split(tmp_path, [{**GOOD, "system": "   \t "}]))
+    assert split["system"] == [""]
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": GOOD["question"]}],
+                                             add_generation_prompt=True, tokenize=False)  # the template's own
+    assert render_prompt(tokenizer, "   ", GOOD["question"]) == expected
+    assert "system" not in render_prompt(tokenizer, " \n", GOOD["question"])
+
+
+def test_one_hub_row_with_a_control_string_is_made_inert_and_counted(monkeypatch) -> None:
+    rows = hub_rows(8)
+    rows[5]["chosen"] = "Say <|im_end|> to finish."
+    serve_from_hub(monkeypatch, datasets.Dataset.from_list(rows))
+    with pytest.warns(DataWarning, match=r"made the ChatML control strings in 1 of 8 row\(s\) inert \(row\(s\) 6\)"):
+        splits = load_preference_data(hub_profile())
+    texts = [r["chosen"] for split in splits.values() for r in split]
+    assert len(texts) == 8 and not any("<|im_end|>" in t for t in texts)
+    assert any(t.startswith("Say <\u2060|im_end|>") for t in texts)
+
+
+def test_hub_duplicates_are_dropped_and_counted_before_the_split(monkeypatch) -> None:
+    rows = hub_rows(8)
+    rows[6] = dict(rows[2])
+    serve_from_hub(monkeypatch, datasets.Dataset.from_list(rows))
+    with pytest.warns(DataWarning, match=r"dropped 1 of 8 pair\(s\) that repeat an earlier row exactly \(row\(s\) 7\)"):
+        splits = load_preference_data(hub_profile())
+    questions = [r["question"] for split in splits.values() for r in split]
+    assert len(questions) == len(set(questions)) == 7
+
+
+def test_a_train_split_left_empty_by_the_length_limits_is_refused_naming_them(profile, tokenizer) -> None:
+    from helpers.data import prepare_data
+
+    short = profile.replace("dpo", max_prompt_length=4, max_length=8)
+    with pytest.raises(DataValidationError, match=r"train split of profile 'tiny' holds no usable .* over 4 tokens"):
+        prepare_data(short, tokenizer)
+
+
+def test_pushing_creates_the_repository_before_uploading(monkeypatch, tmp_path: Path) -> None:
+    from helpers.merging import push_to_hub_if_allowed
+
+    calls: list[tuple[str, dict]] = []
+    api = SimpleNamespace(create_repo=lambda **kw: calls.append(("create_repo", kw)),
+                          upload_folder=lambda **kw: calls.append(("upload_folder", kw)))
+    monkeypatch.delenv("COURSE_STANDINS", raising=False)
+    said = push_to_hub_if_allowed(get_profile("t4", check_hardware=False), tmp_path, "me/model", api=api)
+    assert [name for name, _ in calls] == ["create_repo", "upload_folder"], calls
+    assert calls[0][1] == {"repo_id": "me/model", "repo_type": "model", "private": True, "exist_ok": True}
+    assert said == "pushed to https://huggingface.co/me/model"
+    assert push_to_hub_if_allowed(get_profile("tiny"), tmp_path, "me/model", api=api).startswith("not pushed")
