@@ -25,7 +25,7 @@ from transformers import set_seed as hf_set_seed
 from trl import DPOConfig, DPOTrainer
 
 from helpers.data import PreparedData, prepare_data
-from helpers.distributed import attach_trace_if_asked
+from helpers.distributed import attach_trace_if_asked, world_size
 from helpers.hardware import cuda_available, training_precision
 from helpers.loading import forbid_cpu_nf4_packing, load_model, load_tokenizer, model_source
 from helpers.lora import lora_config
@@ -57,6 +57,7 @@ def dpo_config_kwargs(profile: Profile, output_dir: str | Path, **overrides: Any
     """
     t, d = profile.training, profile.dpo
     precision = training_precision(t.precision)
+    precompute = d.precompute_ref_log_probs and world_size() == 1
     settings: dict[str, Any] = dict(
         output_dir=str(output_dir),
         # the batch: 4 pairs per device, 4 accumulated -> 16 pairs per optimizer step in the recipe
@@ -79,9 +80,11 @@ def dpo_config_kwargs(profile: Profile, output_dir: str | Path, **overrides: Any
         max_length=d.max_length,  # prompt + answer; TRL 1.x has no max_prompt_length (see helpers.chatml)
         loss_type=list(d.loss_type),
         loss_weights=list(d.loss_weights) if d.loss_weights else None,
-        # the reference (adapter off) scored once before training instead of at every step: tiny on CPU only
-        precompute_ref_log_probs=d.precompute_ref_log_probs,
-        precompute_ref_batch_size=64 if d.precompute_ref_log_probs else None,
+        # the reference (adapter off) scored once before training instead of at every step (tiny). One process
+        # only: TRL 1.16 caches the scores in a file next to the data set, and an in-memory data set's cache folder
+        # is a temporary one of each process, so another rank cannot find what rank 0 wrote (FileNotFoundError)
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=64 if precompute else None,
         # logging and saving
         logging_steps=t.logging_steps,
         save_strategy="steps",
