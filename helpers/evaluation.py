@@ -707,8 +707,9 @@ def compare_models(
     base: str | Path, dpo: str | Path, tasks: list[str], limit: int | float | None = None, **kwargs: Any
 ) -> dict[str, dict[str, float]]:
     """The base and the DPO model on the same tasks (see :func:`lm_eval_block`); ``kwargs`` go to run_lm_eval."""
-    return lm_eval_block(run_lm_eval(base, tasks, limit=limit, **kwargs), run_lm_eval(dpo, tasks, limit=limit,
-                                                                                     **kwargs), tasks)
+    base_metrics = run_lm_eval(base, tasks, limit=limit, **kwargs)
+    dpo_metrics = run_lm_eval(dpo, tasks, limit=limit, **kwargs)
+    return lm_eval_block(base_metrics, dpo_metrics, tasks)
 
 
 # --- the headless evaluation -------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from helpers.loading import bnb_config, forbid_cpu_nf4_packing, local_cuda_devic
 from helpers.plots import save_figure
 from helpers.profiles import Profile
 from helpers.saving import write_json_atomically
+from helpers.standins import standins_active
 from helpers.training import dpo_config_kwargs, set_seed
 
 JUDGES = ("reward_model", "rules")  # what builds the pairs: the trained reward model, or the course's rule checks
@@ -124,8 +125,6 @@ def on_policy_settings(profile: Profile | str, **overrides: Any) -> OnPolicySett
     A GPU profile on the offline stand-ins (``$COURSE_STANDINS``) gets :data:`STANDIN_SIZES` first: its random
     stand-in model on a CPU only tests the code path.
     """
-    from helpers.standins import standins_active
-
     name = str(getattr(profile, "name", profile))
     if name not in ON_POLICY_SETTINGS:
         raise ValueError(f"no on-policy settings for profile {name!r}; known: {', '.join(ON_POLICY_SETTINGS)}")

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from helpers.standins import standins_active  # imports no library: the profile CLI stays fast
+
 PROFILE_ENV_VAR = "COURSE_PROFILE"
 PROFILE_NAMES = ("tiny", "t4", "full")
 # GPU memory from which `full` is chosen: a "40 GB" A100 reports about 39.4 GiB; 24-32 GB cards stay on `t4`.
@@ -288,7 +290,6 @@ def get_profile(name: str | None = None, *, check_hardware: bool = True) -> Prof
     GPU profile runs on a CPU, for tests; its ``differences`` then also list, under ``cpu.*``, what the CPU changes.
     """
     from helpers.hardware import cuda_available  # imports torch: not at the top, the profile CLI stays fast
-    from helpers.standins import standins_active
 
     resolved, _ = resolve_profile_name(name)
     profile = PROFILES[resolved]
