@@ -1,100 +1,116 @@
-"""The first cells every notebook runs: choose the profile, seed everything, quiet the logs, say what runs."""
+"""The first cells of every notebook: choose the profile, seed everything, keep the output short, say what runs;
+and ``check``, the exercises' self-check.
+
+On Colab the run folders go to Google Drive (``use_drive``), so notebook 05 finds in a new runtime what 04 trained
+in another. The tests also run the notebooks on offline stand-ins of the GPU profiles' hub models
+(``COURSE_STANDINS=1``, the ``standins`` package beside this one); that switch is read here, and only here.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import math
 import os
 import platform
 import sys
 import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-from helpers.colab import on_colab
-from helpers.colab import use_drive as drive_outputs
-from helpers.profiles import Profile, describe_profile, get_profile
-from helpers.standins import activate_standins, standin_note, standins_active
+from helpers.profiles import Profile, describe, get_profile
 
 SEED = 42
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
+
+
+def on_colab() -> bool:
+    """True inside a Google Colab runtime (its ``google.colab`` module is loaded there, and only there)."""
+    return "google.colab" in sys.modules
+
+
+def use_drive(folder: str = "MyDrive/dpo-course") -> Path:
+    """On Colab: mount Google Drive and send every run's outputs to ``/content/drive/<folder>/outputs``."""
+    from google.colab import drive  # type: ignore[import-not-found]  # exists on Colab only
+
+    mount = Path("/content/drive")
+    if not (mount / "MyDrive").is_dir():
+        drive.mount(str(mount))
+    target = mount / folder / "outputs"
+    target.mkdir(parents=True, exist_ok=True)
+    os.environ["COURSE_OUTPUT_DIR"] = str(target)
+    found = sorted(p.name for p in (target / "runs").glob("*") if p.is_dir())
+    print(f"outputs on Google Drive: {target}" + (f" (runs found: {', '.join(found)})" if found else ""))
+    return target
 
 
 def quiet_libraries() -> None:
-    """Keep notebook outputs short: library warnings and info logs off, errors still shown."""
+    """Library warnings, info logs and per-call progress bars off; errors still show."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: text bars
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
     for name in ("transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every from_pretrained
-    import datasets
-
-    datasets.disable_progress_bars()  # map/filter bars: one per call would flood the outputs
-    datasets.logging.set_verbosity_error()  # "Using the latest cached version ... (offline mode is enabled)" + a path
-    show = warnings.showwarning
-    if not getattr(show, "course_short", False):
-        warnings.showwarning = _short_warnings(show)
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar at every from_pretrained
+    datasets.disable_progress_bars()  # a bar for every map and filter
+    datasets.logging.set_verbosity_error()
 
 
-def _short_warnings(show):
-    """The course's own warnings (``DataWarning``) printed as ``Name: message``, without the file path and line of
-    the helper that raised them (a path of this machine, and noise for a learner); others as before."""
-    from helpers.data import DataWarning  # here, not at the top: helpers.data imports the datasets library
+def start(profile_name: str | None = None, *, use_drive_on_colab: bool = True, seed: int = SEED) -> Profile:
+    """Resolve the profile for this machine, seed python/numpy/torch, print which profile runs and why.
 
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, DataWarning):
-            print(f"{category.__name__}: {message}", file=file or sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    showwarning.course_short = True
-    return showwarning
-
-
-def start(profile_name: str | None = None, seed: int = SEED, *, use_drive: bool = True) -> Profile:
-    """Resolve and return the profile, seed python/numpy/torch, and print which profile runs and why.
-
-    On Colab with ``use_drive`` (the notebooks' ``USE_DRIVE`` parameter, on by default) Google Drive is mounted and
-    the run folders go there (:func:`helpers.colab.use_drive`), so notebook 05 finds in a new runtime what 04
-    trained in another. Off Colab ``use_drive`` changes nothing.
-
-    With the offline stand-ins switched on (``$COURSE_STANDINS=1``) the first line printed says so, and the lines
-    after the profile say what running on a CPU changes. The Hugging Face libraries are imported only here, after
-    the stand-ins (if any) have pointed them at their cache, and after their logs are quieted.
+    ``seed`` also becomes the trainers' ``seed`` and ``data_seed`` (``profile.dpo``): benchmarks/seeds.py runs a
+    notebook with other seeds to measure how much its results move from run to run.
     """
-    if standins_active():
-        activate_standins()
-        print(standin_note(profile_name or os.environ.get("COURSE_PROFILE", "")))
-    if use_drive and on_colab():
-        drive_outputs()
-    quiet_libraries()  # first: importing transformers pulls in bitsandbytes, which logs on import
+    if os.environ.get("COURSE_STANDINS"):
+        # Tests only. Imported here, not at the top: it must point the hub cache at the stand-ins before any
+        # Hugging Face library is imported, and it belongs to the test tooling, not to the course.
+        from standins import activate
+
+        profile = activate(profile_name)
+    else:
+        profile = None
+    if use_drive_on_colab and on_colab():
+        use_drive()
+    quiet_libraries()
     import torch
     from transformers import set_seed
 
-    profile = get_profile(profile_name)
+    profile = profile or get_profile(profile_name)
     if not torch.cuda.is_available():
-        # One thread: the tiny model's matrices are too small to gain from more, and on a busy machine two
-        # spinning threads per process run several times slower. Fixed, so results are bit-for-bit repeatable.
-        torch.set_num_threads(int(os.environ.get("COURSE_TORCH_THREADS", "1")))
+        torch.set_num_threads(1)  # the tiny model's matrices gain nothing from more; two notebooks share 2 cores
     set_seed(seed)
-    print(describe_profile(profile_name))  # the name as asked: "asked for explicitly" only when it was
-    for setting, why in profile.differences.items():
-        if setting.startswith("cpu."):
-            print(f"  on this CPU, {setting[4:]}: {why}")
-    return profile
+    print(describe(profile_name))
+    return replace(profile, dpo={**profile.dpo, "seed": seed, "data_seed": seed})
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries the course depends on, for the version cell of each notebook."""
-    import importlib.metadata as md
-
-    names = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
+    """Python's and the course libraries' versions, for the version cell of each notebook."""
     found = {"python": platform.python_version()}
-    for name in names:
+    for name in LIBRARIES:
         try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+def check(name: str, answer: Any, expected: Any, *, tol: float = 0.0, hint: str = "") -> None:
+    """An exercise's self-check: print the verdict once, raise AssertionError when wrong (None = not answered).
+
+    Numbers match within ``tol`` (relative and absolute); anything else must be equal.
+    """
+    if answer is None:
+        raise AssertionError(f"{name}: not answered yet - replace the None with your answer. {hint}".strip())
+    number = isinstance(expected, int | float) and isinstance(answer, int | float) and not isinstance(answer, bool)
+    if answer == expected:
+        print(f"{name}: exact ✓")
+    elif number and math.isclose(answer, expected, rel_tol=tol, abs_tol=tol):
+        print(f"{name}: approximately right ✓ (off by {abs(answer - expected):.2g})")
+    else:
+        raise AssertionError(f"{name}: {answer!r} is not right. {hint}".strip())

@@ -6,6 +6,9 @@ cells every notebook shares (the Colab install cell, the Drive parameter, the st
     python scripts/nbtools.py stamp notebooks/*.ipynb solutions/*.ipynb
     python scripts/nbtools.py course OUT_DIR notebooks/*.ipynb      # the course command's runner (2 at a time)
     python scripts/nbtools.py costs                                 # docs/costs.csv -> README and notebook headers
+    python scripts/nbtools.py standin full notebooks/08_beyond_dpo.ipynb [NAME=VALUE ...]
+        # a copy run on the offline stand-in of a GPU profile (t4 or full) with the notebook's short-run parameters
+        # (its metadata "course": {"short_run": {...}}) and NAME=VALUE added; written to outputs/standins/<profile>/
 """
 
 from __future__ import annotations
@@ -21,10 +24,26 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from helpers.course import COLAB_METADATA, INSTALL_CELL, NOTEBOOK_COLAB_URL, USE_DRIVE_LINE
-from helpers.paths import OFFLINE_ENV, REPO_ROOT
+from helpers.profiles import REPO_ROOT
 
+# The environment of every offline run (CI, the course command, the tests' notebook runs, the benchmarks).
+OFFLINE_ENV = {"COURSE_PROFILE": "tiny", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
 NOTEBOOK_ENV = {**OFFLINE_ENV, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+REPO_URL = "https://github.com/dpo-course/neuralhermes-dpo-course"
+NOTEBOOK_COLAB_URL = "https://colab.research.google.com/github/dpo-course/neuralhermes-dpo-course/blob/main/notebooks/{name}"
+COLAB_METADATA = {"colab": {"provenance": [], "gpuType": "T4"}, "accelerator": "GPU"}
+USE_DRIVE_LINE = "USE_DRIVE = True  # on Colab: keep run folders on Google Drive, so a later runtime finds them"
+INSTALL_CELL = f"""# Colab only: fetch the course, install its pinned libraries (Colab's torch is kept).
+# Safe to run again: what this runtime already has is skipped.
+import sys
+
+if "google.colab" in sys.modules:
+    COURSE_URL = "{REPO_URL}"
+    COURSE_DIR = "/content/neuralhermes-dpo-course"
+    ![ -d {{COURSE_DIR}}/.git ] || git clone -q --depth 1 {{COURSE_URL}} {{COURSE_DIR}}
+    !bash {{COURSE_DIR}}/scripts/setup_env.sh
+    sys.path.insert(0, COURSE_DIR)"""
 
 
 def _collapse_progress(text: str) -> str:
@@ -55,7 +74,7 @@ def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
-        **{key: nb.metadata[key] for key in COLAB_METADATA if key in nb.metadata},
+        **{key: nb.metadata[key] for key in (*COLAB_METADATA, "course") if key in nb.metadata},
     }
     for index, cell in enumerate(nb.cells):
         keep = {k: v for k, v in cell.metadata.items() if k in {"tags"}}
@@ -76,8 +95,6 @@ def stamp(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             lines = [line for line in cell.source.splitlines() if not line.startswith("USE_DRIVE =")]
             at = next(i for i, line in enumerate(lines) if line.startswith("PROFILE =")) + 1
             cell.source = "\n".join([*lines[:at], USE_DRIVE_LINE, *lines[at:]])
-        if cell.cell_type == "code" and "notebook.start(PROFILE)" in cell.source:
-            cell.source = cell.source.replace("notebook.start(PROFILE)", "notebook.start(PROFILE, use_drive=USE_DRIVE)")
     return nb
 
 
@@ -243,6 +260,21 @@ def stamp_costs(readme: Path = REPO_ROOT / "README.md") -> None:
     readme.write_text(text, encoding="utf-8")
 
 
+def short_run(path: Path) -> dict[str, object]:
+    """The parameters that make a notebook a short run through its code path (its metadata's course.short_run)."""
+    return dict(nbformat.read(path, as_version=4).metadata.get("course", {}).get("short_run", {}))
+
+
+def run_on_standin(path: Path, profile: str, out_dir: Path, extra: dict[str, object] | None = None,
+                   timeout: int = 1200) -> float:
+    """Execute a copy of the notebook on the offline stand-in of ``profile`` with its short-run parameters (and
+    ``extra``), outputs and run folders under ``out_dir``; returns seconds. Raises on the first failing cell."""
+    env = {**NOTEBOOK_ENV, "COURSE_PROFILE": profile, "COURSE_STANDINS": "1", "COURSE_OUTPUT_DIR": str(out_dir),
+           "MPLBACKEND": "Agg", "TQDM_DISABLE": "1"}
+    return execute_copy(path, out_dir / "executed" / path.name, parameters={**short_run(path), **(extra or {})},
+                        env=env, timeout=timeout)
+
+
 def main(argv: list[str]) -> int:
     """Command line entry point."""
     if argv[:1] == ["costs"]:
@@ -252,6 +284,14 @@ def main(argv: list[str]) -> int:
         for lane in lanes(sorted(Path("notebooks").glob("[0-9][0-9]_*.ipynb"))):
             solutions = [Path("solutions") / f"{p.stem}_solutions.ipynb" for p in lane]
             print(" ".join(str(p) for p in [*lane, *(s for s in solutions if s.exists())]))
+        return 0
+    if argv[:1] == ["standin"] and len(argv) >= 3:
+        import ast
+
+        extra = {k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in argv[3:])}
+        path = Path(argv[2])
+        seconds = run_on_standin(path, argv[1], REPO_ROOT / "outputs" / "standins" / argv[1], extra)
+        print(f"{path.name} on the {argv[1]} stand-in: ok in {seconds:.0f} s")
         return 0
     if len(argv) < 2 or argv[0] not in {"execute", "strip", "stamp", "course"}:
         print(__doc__)

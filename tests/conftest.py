@@ -12,33 +12,43 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from helpers.profiles import DATA_DIR  # noqa: E402
+
+TINY_MODEL = DATA_DIR / "tiny_model"
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    """The tiny chat model's folder, built once (about a minute) and then reused from the repo's .cache/."""
-    from helpers.tiny_model import build_tiny_model
-
-    return build_tiny_model(progress=False)
+    """The shipped tiny chat model's folder (data/tiny_model)."""
+    return TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def profile():
-    """The tiny profile (the one every helper test runs on)."""
+    """The tiny profile, fitted to this machine (the one every helper test runs on)."""
     from helpers.profiles import get_profile
 
     return get_profile("tiny")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(profile, tiny_model_path):
+def tokenizer(profile):
     """The tiny model's tokenizer, loaded and checked the way the course loads it."""
-    from helpers.loading import load_tokenizer
+    from helpers.models import load_tokenizer
 
-    return load_tokenizer(profile, str(tiny_model_path))
+    return load_tokenizer(profile.model_id)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(profile):
+    """The tiny model in fp32, in eval mode (a fresh copy per test module)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(profile.model_id, dtype="float32").eval()
 
 
 @pytest.fixture(scope="session")
-def other_model_path(tiny_model_path, tmp_path_factory) -> Path:
+def other_model_path(tmp_path_factory) -> Path:
     """A second model, different from the tiny one but of its family: the tiny model with a random LoRA update
     (seeded, non-zero B) merged in and saved. Tests compare two models with it, never a model with itself."""
     import torch
@@ -46,7 +56,7 @@ def other_model_path(tiny_model_path, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("other-model")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
     torch.manual_seed(7)
     wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
@@ -54,7 +64,7 @@ def other_model_path(tiny_model_path, tmp_path_factory) -> Path:
             if "lora_B" in name:
                 param.normal_(0.0, 0.05)
     wrapped.merge_and_unload().save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(folder)
     return folder
 
 
@@ -65,8 +75,8 @@ def naive_answer_logprob():
     import torch
 
     def logprob(model, tokenizer, prompt: str, answer: str) -> float:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + answer)["input_ids"]
         assert ids[: len(prompt_ids)] == prompt_ids  # ChatML prompts end in "\n": the answer starts a new token
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0].double()

@@ -1,33 +1,6 @@
-"""Offline stand-ins for what the GPU profiles download, served under the real hub ids from a private cache.
-
-The ``t4`` and ``full`` profiles load ``Qwen/Qwen2.5-0.5B-Instruct`` or ``teknium/OpenHermes-2.5-Mistral-7B`` and
-the preference pairs ``Intel/orca_dpo_pairs`` from the Hugging Face hub. Nothing here can download, so this
-module builds small look-alikes and puts them where the libraries look when offline:
-
-- ``Qwen/Qwen2.5-0.5B-Instruct``: a ``Qwen2ForCausalLM`` with the real config's structure at tiny width (14 query
-  and 2 key/value heads, q/k/v biases, tied embeddings, the vocabulary padded past the tokenizer as the real one
-  is), random weights from a seed, a byte-level BPE tokenizer saved as ``Qwen2Tokenizer`` with Qwen's added
-  tokens after its vocabulary, Qwen2.5-Instruct's chat template (default system prompt included) and its
-  generation config. ``width="real"`` builds it at Qwen2.5-0.5B's real width instead (494,032,768 parameters).
-- ``teknium/OpenHermes-2.5-Mistral-7B``: a ``MistralForCausalLM`` at tiny width with OpenHermes' tokenizer
-  conventions: a sentencepiece-style BPE (``<unk>``=0, ``<s>``=1, ``</s>``=2, byte fallback, "▁" word starts)
-  saved as ``LlamaTokenizer`` with ``<|im_end|>`` and ``<|im_start|>`` added after it (ids V and V+1, like
-  32000 and 32001), eos ``<|im_end|>``, pad ``</s>``, ``<s>`` prepended, and the ChatML template.
-- ``Intel/orca_dpo_pairs``: a few hundred generated rows in the real columns ``system, question, chosen,
-  rejected``, with the kinds of rows the course must handle (empty and blank system prompts, prompts and answers
-  longer than the profiles' limits, markdown and code, a duplicate row, a pair whose answers are identical, a
-  ChatML control string inside a question).
-
-Everything is built on demand in seconds, deterministically, into ``cache_dir()/standins/<key>/``, which then
-serves as ``HF_HOME`` (``hub/`` in the hub cache layout, ``datasets/`` in the datasets cache layout). The key
-hashes the recipe, the library versions, the corpus files and this code, like :mod:`helpers.tiny_model`.
-
-Switch them on with ``COURSE_STANDINS=1`` (``COURSE_STANDINS=real`` for the real-width Qwen stand-in) and call
-:func:`activate_standins` before any Hugging Face library is imported: ``huggingface_hub`` and ``datasets`` read
-``HF_HOME``, the cache folders and the offline switches once, when first imported. Called later, and pointing
-elsewhere than those libraries already do, :func:`activate_standins` raises :class:`StandinsActivationError`
-instead of half-switching. This module itself imports no Hugging Face library until it builds.
-"""
+"""Building the offline stand-ins (see the package's doc): deterministic from a seed, in seconds, into
+``.cache/standins/<key>/`` ($COURSE_CACHE_DIR/standins), the key hashing the recipe, the library versions, the corpus
+files and this code, so that a change to any of them builds afresh."""
 
 from __future__ import annotations
 
@@ -37,40 +10,30 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from helpers.paths import DATA_DIR, REPO_ROOT, cache_dir
+from helpers.profiles import DATA_DIR, PROFILES, REPO_ROOT
+from standins import hub as published
 
-if TYPE_CHECKING:  # for annotations only: importing them at run time would read the HF settings too early
-    from transformers import MistralConfig, PreTrainedTokenizerBase, Qwen2Config
-
-STANDINS_ENV_VAR = "COURSE_STANDINS"
 QWEN_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 OPENHERMES_ID = "teknium/OpenHermes-2.5-Mistral-7B"
 ORCA_ID = "Intel/orca_dpo_pairs"
 ORCA_COLUMNS = ("system", "question", "chosen", "rejected")
-PROFILE_MODELS = {"t4": QWEN_ID, "full": OPENHERMES_ID}
 MARKER = "standins.json"  # written last into a stand-in folder: its presence means the build is complete
-STANDIN_NOTE = (
-    "OFFLINE STAND-INS: this run uses small random-weight stand-ins served under the real hub ids "
-    f"({QWEN_ID}, {OPENHERMES_ID}) and a generated stand-in for {ORCA_ID} - NOT the real models or data; "
-    "its losses, accuracies and answers test the code path only and say nothing about the real recipe."
-)
-_TRUE = {"1", "true", "yes", "on", "tiny"}
-_FALSE = {"", "0", "false", "no", "off"}
+STANDIN_NOTE = "OFFLINE STAND-INS: random-weight look-alikes of the hub models and data, NOT the real ones"
 _CORPUS_FILES = ("train.jsonl", "heldout.jsonl", "sft.jsonl")
-_CODE_FILES = ("helpers/standins.py", "helpers/architectures.py")
+_CODE_FILES = ("standins/build.py", "standins/hub.py")
 _DATASET_DIR = ("Intel___orca_dpo_pairs", "default", "0.0.0")  # what `datasets` looks for offline, under its cache
 
 
-class StandinsActivationError(RuntimeError):
-    """The stand-ins were switched on after a Hugging Face library had already read where its cache is."""
+def cache_dir() -> Path:
+    """Where built stand-ins are kept: $COURSE_CACHE_DIR, else .cache/ in the repository."""
+    return Path(os.environ.get("COURSE_CACHE_DIR", REPO_ROOT / ".cache"))
 
 
 @dataclass(frozen=True)
@@ -102,29 +65,6 @@ class StandinRecipe:
             raise ValueError(f"StandinRecipe.data_rows must be at least 420 (200 are held out), not {self.data_rows}")
 
 
-# ------------------------------------------------------------------------------------------ switch and activation
-
-
-def _switch() -> str | None:
-    """The value of $COURSE_STANDINS as a width ("tiny" or "real"), None when off; refuses anything else."""
-    value = os.environ.get(STANDINS_ENV_VAR, "").strip().lower()
-    if value in _FALSE:
-        return None
-    if value in _TRUE:
-        return "tiny"
-    if value == "real":
-        return "real"
-    raise ValueError(f"${STANDINS_ENV_VAR}={value!r} is not understood; use 1 (tiny stand-ins), real, or 0 (off)")
-
-
-def standins_active() -> bool:
-    """True when this run uses the offline stand-ins: $COURSE_STANDINS is on (set by :func:`activate_standins`)."""
-    return _switch() is not None
-
-
-def requested_recipe() -> StandinRecipe:
-    """The recipe $COURSE_STANDINS asks for: ``real`` gives the real-width Qwen stand-in, anything on the tiny one."""
-    return StandinRecipe(width=_switch() or "tiny")
 
 
 def standins_home(recipe: StandinRecipe = StandinRecipe()) -> Path:
@@ -132,102 +72,10 @@ def standins_home(recipe: StandinRecipe = StandinRecipe()) -> Path:
     return cache_dir() / "standins" / _recipe_key(recipe)
 
 
-def standin_environment(home: str | Path, *, width: str = "tiny") -> dict[str, str]:
-    """The environment variables that point the Hugging Face libraries at the stand-ins in ``home``, offline.
-
-    They include $COURSE_STANDINS (``1``, or ``real`` for the real-width recipe), so child processes switch too.
-    """
-    home = Path(home).resolve()
-    return {
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(home / "hub"),
-        "HF_DATASETS_CACHE": str(home / "datasets"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        STANDINS_ENV_VAR: "real" if width == "real" else "1",
-    }
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    return os.path.realpath(os.path.expanduser(str(a))) == os.path.realpath(str(b))
-
-
-def _too_late(env: Mapping[str, str]) -> list[str]:
-    """The already-imported libraries that read their cache settings elsewhere than ``env`` says."""
-    late = []
-    hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None and not (
-        _same_path(hub.HF_HOME, env["HF_HOME"])
-        and _same_path(hub.HF_HUB_CACHE, env["HF_HUB_CACHE"])
-        and hub.HF_HUB_OFFLINE
-    ):
-        late.append(f"huggingface_hub (HF_HUB_CACHE={hub.HF_HUB_CACHE}, HF_HUB_OFFLINE={hub.HF_HUB_OFFLINE})")
-    config = sys.modules.get("datasets.config")
-    if config is not None and not (
-        _same_path(config.HF_DATASETS_CACHE, env["HF_DATASETS_CACHE"]) and config.HF_HUB_OFFLINE
-    ):
-        late.append(f"datasets (HF_DATASETS_CACHE={config.HF_DATASETS_CACHE}, offline={config.HF_HUB_OFFLINE})")
-    return late
-
-
-def activate_standins(recipe: StandinRecipe | None = None, *, progress: bool = False) -> Path:
-    """Build the stand-ins if needed and point the Hugging Face libraries at them, offline; returns ``HF_HOME``.
-
-    Sets HF_HOME, HF_HUB_CACHE, HF_DATASETS_CACHE, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE and
-    $COURSE_STANDINS in ``os.environ`` (child processes inherit them), then builds. ``recipe`` defaults to what
-    $COURSE_STANDINS asks for. Must run before ``huggingface_hub`` / ``datasets`` are imported (transformers,
-    trl and peft import them): those read the settings once, at import. Calling it later is fine only when they
-    already point here (a second call, or a child process that inherited the variables); otherwise it raises
-    :class:`StandinsActivationError` and changes nothing.
-    """
-    recipe = recipe or requested_recipe()
-    home = standins_home(recipe)
-    env = standin_environment(home, width=recipe.width)
-    late = _too_late(env)
-    if late:
-        raise StandinsActivationError(
-            "activate_standins() came too late: " + "; ".join(late) + " already imported and read its cache "
-            "location and offline switch from the environment, so it would keep looking elsewhere. Switch the "
-            f"stand-ins on before any Hugging Face library is imported: set {STANDINS_ENV_VAR}=1 and let the "
-            "course's first step (helpers.notebook.start, python -m helpers run) activate them, or call "
-            "helpers.standins.activate_standins() before importing transformers, datasets, trl or peft; in a "
-            "notebook, restart the kernel and run the first cell before anything else."
-        )
-    os.environ.update(env)
-    build_standins(recipe, progress=progress)  # imports transformers/datasets now, with the variables set
-    return home
-
-
-def activate_if_requested(*, progress: bool = False) -> Path | None:
-    """:func:`activate_standins` when $COURSE_STANDINS is on, else nothing (returns None)."""
-    return activate_standins(progress=progress) if standins_active() else None
-
-
-def standin_note(profile_name: str | None = None) -> str:
-    """One line saying plainly that the run uses offline stand-ins, not the real model and data."""
-    name = (profile_name or "").strip().lower()
-    model = PROFILE_MODELS.get(name)
-    if model is None:
-        return STANDIN_NOTE
-    width = "at Qwen2.5-0.5B's real width" if name == "t4" and _switch() == "real" else "at tiny width"
-    return (
-        f"OFFLINE STAND-INS (profile {name}): {model} is a random-weight stand-in {width} and {ORCA_ID} a "
-        "generated stand-in of a few hundred rows - NOT the real model and data; the numbers test the code path "
-        "only and say nothing about the real recipe."
-    )
-
-
 def snapshot_dir(home: str | Path, repo_id: str) -> Path:
     """The snapshot folder that serves ``repo_id`` from the hub cache in ``home``."""
     repo = Path(home) / "hub" / f"models--{repo_id.replace('/', '--')}"
-    revision = (repo / "refs" / "main").read_text().strip()
-    return repo / "snapshots" / revision
-
-
-def standin_info(home: str | Path) -> dict[str, Any]:
-    """What the build of the stand-ins in ``home`` recorded: recipe, key, models, rows, length checks, seconds."""
-    return json.loads((Path(home) / MARKER).read_text(encoding="utf-8"))
+    return repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
 
 
 # ------------------------------------------------------------------------------------------ the cache key
@@ -492,17 +340,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def qwen_standin_config(recipe: StandinRecipe, first_added_id: int) -> Qwen2Config:
+def qwen_standin_config(recipe: StandinRecipe, first_added_id: int):
     """The stand-in's ``Qwen2Config``: the real config at the recipe's width, ids from the stand-in tokenizer.
 
     ``first_added_id`` is the BPE vocabulary size: ``<|endoftext|>`` (bos) has that id and ``<|im_end|>`` (eos)
     two more, as 151643 and 151645 in the real tokenizer.
     """
-    from helpers import architectures as arch  # imports transformers: only when building (see the module doc)
 
-    tokens = first_added_id + len(arch.QWEN2_5_ADDED_TOKENS)
+    tokens = first_added_id + len(published.QWEN2_5_ADDED_TOKENS)
     if recipe.width == "real":
-        shape = dict(arch.QWEN2_5_0_5B_SHAPE)
+        shape = dict(published.QWEN2_5_0_5B_SHAPE)
         if shape["vocab_size"] < tokens:
             raise ValueError(f"the stand-in tokenizer ({tokens} tokens) outgrows Qwen's {shape['vocab_size']} rows")
     else:
@@ -514,24 +361,26 @@ def qwen_standin_config(recipe: StandinRecipe, first_added_id: int) -> Qwen2Conf
             "num_attention_heads": recipe.qwen_num_attention_heads,
             "num_key_value_heads": recipe.qwen_num_key_value_heads,
         }
-    return arch.qwen2_config(
-        arch.QWEN2_5_0_5B_CONFIG, **shape, bos_token_id=first_added_id, eos_token_id=first_added_id + 2
-    )
+    from transformers import Qwen2Config  # transformers only when building: activation must come first
+
+    return Qwen2Config(**{**published.QWEN2_5_0_5B_CONFIG, **shape, "bos_token_id": first_added_id,
+                          "eos_token_id": first_added_id + 2})
 
 
-def openhermes_standin_config(recipe: StandinRecipe, base_vocab: int) -> MistralConfig:
+def openhermes_standin_config(recipe: StandinRecipe, base_vocab: int):
     """The stand-in's ``MistralConfig``: OpenHermes-2.5's config at tiny width; ``<|im_end|>`` = ``base_vocab``."""
-    from helpers import architectures as arch  # imports transformers: only when building (see the module doc)
+    from transformers import MistralConfig  # transformers only when building: activation must come first
 
-    return arch.openhermes_config(
-        vocab_size=base_vocab + 2,  # + <|im_end|> and <|im_start|>, as 32000 + 2 = 32002
-        hidden_size=recipe.mistral_hidden_size,
-        intermediate_size=recipe.mistral_intermediate_size,
-        num_hidden_layers=recipe.mistral_num_hidden_layers,
-        num_attention_heads=recipe.mistral_num_attention_heads,
-        num_key_value_heads=recipe.mistral_num_key_value_heads,
-        eos_token_id=base_vocab,
-    )
+    return MistralConfig(**{
+        **published.OPENHERMES_2_5_CONFIG,
+        "vocab_size": base_vocab + 2,  # + <|im_end|> and <|im_start|>, as 32000 + 2 = 32002
+        "hidden_size": recipe.mistral_hidden_size,
+        "intermediate_size": recipe.mistral_intermediate_size,
+        "num_hidden_layers": recipe.mistral_num_hidden_layers,
+        "num_attention_heads": recipe.mistral_num_attention_heads,
+        "num_key_value_heads": recipe.mistral_num_key_value_heads,
+        "eos_token_id": base_vocab,
+    })
 
 
 def _train_bpe(corpus: list[str], *, vocab_size: int, qwen: bool):
@@ -576,16 +425,14 @@ def _qwen_tokenizer(corpus: list[str], recipe: StandinRecipe):
     """Qwen2.5's tokenizer conventions on a small BPE: added tokens after the vocabulary, eos/pad, chat template."""
     from transformers import Qwen2Tokenizer
 
-    from helpers import architectures as arch
-
     vocab, merges = _train_bpe(corpus, vocab_size=recipe.qwen_bpe_vocab, qwen=True)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None,
                                pad_token=None, errors="replace", split_special_tokens=False,
                                clean_up_tokenization_spaces=False, model_max_length=131072)
-    for content, special in arch.QWEN2_5_ADDED_TOKENS:  # one at a time: ids in the real order
+    for content, special in published.QWEN2_5_ADDED_TOKENS:  # one at a time: ids in the real order
         tokenizer.add_tokens([_added_token(content, special)], special_tokens=special)
-    tokenizer.eos_token, tokenizer.pad_token = arch.IM_END, "<|endoftext|>"
-    tokenizer.chat_template = arch.QWEN2_5_CHAT_TEMPLATE
+    tokenizer.eos_token, tokenizer.pad_token = published.IM_END, "<|endoftext|>"
+    tokenizer.chat_template = published.QWEN2_5_CHAT_TEMPLATE
     return tokenizer, len(vocab)
 
 
@@ -593,26 +440,22 @@ def _openhermes_tokenizer(corpus: list[str], recipe: StandinRecipe):
     """OpenHermes-2.5's tokenizer conventions on a small sentencepiece-style BPE (Llama class, byte fallback)."""
     from transformers import LlamaTokenizer
 
-    from helpers import architectures as arch
-
     vocab, merges = _train_bpe(corpus, vocab_size=recipe.mistral_bpe_vocab, qwen=False)
     if [vocab.get(t) for t in ("<unk>", "<s>", "</s>", "<0x00>", "<0xFF>")] != [0, 1, 2, 3, 258]:
         raise RuntimeError("the stand-in BPE did not put <unk>, <s>, </s> and the 256 byte tokens first")
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, add_bos_token=True, add_eos_token=False,
                                unk_token="<unk>", bos_token="<s>", eos_token="</s>", use_default_system_prompt=True,
                                clean_up_tokenization_spaces=False, spaces_between_special_tokens=False)
-    tokenizer.add_tokens([_added_token(arch.IM_END, True)], special_tokens=True)
-    tokenizer.add_tokens([_added_token(arch.IM_START, False)])
-    tokenizer.eos_token = arch.IM_END
-    tokenizer.pad_token = arch.OPENHERMES_2_5_SPECIAL_TOKENS_MAP["pad_token"]
-    tokenizer.chat_template = arch.OPENHERMES_2_5_CHAT_TEMPLATE
+    tokenizer.add_tokens([_added_token(published.IM_END, True)], special_tokens=True)
+    tokenizer.add_tokens([_added_token(published.IM_START, False)])
+    tokenizer.eos_token = published.IM_END
+    tokenizer.pad_token = published.OPENHERMES_2_5_SPECIAL_TOKENS_MAP["pad_token"]
+    tokenizer.chat_template = published.OPENHERMES_2_5_CHAT_TEMPLATE
     return tokenizer, len(vocab)
 
 
 def _save_qwen_tokenizer(tokenizer, base_vocab: int, folder: Path) -> None:
     """tokenizer.json from transformers; tokenizer_config.json, vocab.json, merges.txt as Qwen's repository has them."""
-    from helpers import architectures as arch
-
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)  # the real repository keeps it in tokenizer_config
     model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
@@ -620,14 +463,14 @@ def _save_qwen_tokenizer(tokenizer, base_vocab: int, folder: Path) -> None:
     merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {
-        "add_bos_token": arch.QWEN2_5_TOKENIZER["add_bos_token"],
-        "add_prefix_space": arch.QWEN2_5_TOKENIZER["add_prefix_space"],
+        "add_bos_token": published.QWEN2_5_TOKENIZER["add_bos_token"],
+        "add_prefix_space": published.QWEN2_5_TOKENIZER["add_prefix_space"],
         "added_tokens_decoder": {str(base_vocab + i): _decoder_entry(content, special)
-                                 for i, (content, special) in enumerate(arch.QWEN2_5_ADDED_TOKENS)},
-        "additional_special_tokens": arch.QWEN2_5_TOKENIZER["additional_special_tokens"],
+                                 for i, (content, special) in enumerate(published.QWEN2_5_ADDED_TOKENS)},
+        "additional_special_tokens": published.QWEN2_5_TOKENIZER["additional_special_tokens"],
         "bos_token": None,
-        "chat_template": arch.QWEN2_5_CHAT_TEMPLATE,
-        **{k: arch.QWEN2_5_TOKENIZER[k] for k in ("clean_up_tokenization_spaces", "eos_token", "errors",
+        "chat_template": published.QWEN2_5_CHAT_TEMPLATE,
+        **{k: published.QWEN2_5_TOKENIZER[k] for k in ("clean_up_tokenization_spaces", "eos_token", "errors",
                                                    "model_max_length", "pad_token", "split_special_tokens",
                                                    "tokenizer_class", "unk_token")},
     }
@@ -638,26 +481,24 @@ def _save_qwen_tokenizer(tokenizer, base_vocab: int, folder: Path) -> None:
 def _save_openhermes_tokenizer(tokenizer, base_vocab: int, folder: Path) -> None:
     """tokenizer.json from transformers; tokenizer_config.json, special_tokens_map.json and added_tokens.json as
     OpenHermes-2.5's repository has them (ids 32000/32001 become ``base_vocab`` and ``base_vocab + 1``)."""
-    from helpers import architectures as arch
-
     tokenizer.save_pretrained(folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     added = {(base_vocab + i - 32000 if i >= 32000 else i): entry
-             for i, entry in arch.OPENHERMES_2_5_ADDED_TOKENS.items()}
+             for i, entry in published.OPENHERMES_2_5_ADDED_TOKENS.items()}
     config = {
-        **arch.OPENHERMES_2_5_TOKENIZER,
+        **published.OPENHERMES_2_5_TOKENIZER,
         "added_tokens_decoder": {str(i): _decoder_entry(content, special) for i, (content, special) in added.items()},
         "additional_special_tokens": [],
-        **arch.OPENHERMES_2_5_SPECIAL_TOKENS_MAP,
-        "chat_template": arch.OPENHERMES_2_5_CHAT_TEMPLATE,
+        **published.OPENHERMES_2_5_SPECIAL_TOKENS_MAP,
+        "chat_template": published.OPENHERMES_2_5_CHAT_TEMPLATE,
         "sp_model_kwargs": {},
     }
     config = dict(sorted(config.items()))  # the key order transformers 4 wrote
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                   encoding="utf-8")
-    special = json.dumps(arch.OPENHERMES_2_5_SPECIAL_TOKENS_MAP, indent=2)
+    special = json.dumps(published.OPENHERMES_2_5_SPECIAL_TOKENS_MAP, indent=2)
     (folder / "special_tokens_map.json").write_text(special + "\n", encoding="utf-8")
-    added_ids = json.dumps({arch.IM_END: base_vocab, arch.IM_START: base_vocab + 1})
+    added_ids = json.dumps({published.IM_END: base_vocab, published.IM_START: base_vocab + 1})
     (folder / "added_tokens.json").write_text(added_ids + "\n", encoding="utf-8")
 
 
@@ -753,7 +594,7 @@ def _prompt_messages(system: str, question: str) -> list[dict[str, str]]:
 
 
 def length_report(
-    rows: Iterable[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, max_prompt: int, max_length: int
+    rows: Iterable[Mapping[str, str]], tokenizer, max_prompt: int, max_length: int
 ) -> dict[str, int]:
     """How many rows fit a profile's limits in ``tokenizer``'s tokens: prompt (chat-rendered) and prompt + answer."""
     report = {"rows": 0, "prompt_too_long": 0, "answer_too_long": 0, "fit": 0, "longest_prompt": 0, "longest_pair": 0}
@@ -798,8 +639,6 @@ def _build_files(root: Path, recipe: StandinRecipe, key: str) -> dict[str, Any]:
     """The rows, the two tokenizers and models, and the data set; returns what the marker file records."""
     from transformers import MistralForCausalLM, Qwen2ForCausalLM
 
-    from helpers import architectures as arch
-    from helpers.profiles import PROFILES
 
     rows = standin_rows(recipe)
     corpus = _corpus(rows)
@@ -807,8 +646,8 @@ def _build_files(root: Path, recipe: StandinRecipe, key: str) -> dict[str, Any]:
     hermes_tok, hermes_base = _openhermes_tokenizer(corpus, recipe)
     lengths = {}
     for profile, tokenizer in (("t4", qwen_tok), ("full", hermes_tok)):
-        dpo = PROFILES[profile].dpo
-        lengths[profile] = length_report(rows, tokenizer, dpo.max_prompt_length, dpo.max_length)
+        p = PROFILES[profile]
+        lengths[profile] = length_report(rows, tokenizer, p.max_prompt_length, p.dpo["max_length"])
         _check_lengths(lengths[profile], profile)
 
     dataset = _write_dataset(root / "datasets", rows)
@@ -817,7 +656,7 @@ def _build_files(root: Path, recipe: StandinRecipe, key: str) -> dict[str, Any]:
 
     snapshot = _write_hub_repo(hub, QWEN_ID, _revision(key, QWEN_ID))
     config = qwen_standin_config(recipe, qwen_base)
-    generation = {**arch.QWEN2_5_GENERATION_CONFIG, "bos_token_id": qwen_base, "pad_token_id": qwen_base,
+    generation = {**published.QWEN2_5_GENERATION_CONFIG, "bos_token_id": qwen_base, "pad_token_id": qwen_base,
                   "eos_token_id": [qwen_base + 2, qwen_base]}
     params = _write_model(Qwen2ForCausalLM, config, generation, snapshot, recipe.seed, two_shards=False)
     _save_qwen_tokenizer(qwen_tok, qwen_base, snapshot)
@@ -826,7 +665,7 @@ def _build_files(root: Path, recipe: StandinRecipe, key: str) -> dict[str, Any]:
 
     snapshot = _write_hub_repo(hub, OPENHERMES_ID, _revision(key, OPENHERMES_ID))
     config = openhermes_standin_config(recipe, hermes_base)
-    generation = {**arch.OPENHERMES_2_5_GENERATION_CONFIG, "eos_token_id": hermes_base}
+    generation = {**published.OPENHERMES_2_5_GENERATION_CONFIG, "eos_token_id": hermes_base}
     generation.pop("_from_model_config")
     params = _write_model(MistralForCausalLM, config, generation, snapshot, recipe.seed, two_shards=True)
     _save_openhermes_tokenizer(hermes_tok, hermes_base, snapshot)

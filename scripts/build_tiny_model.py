@@ -1,7 +1,11 @@
-"""The tiny chat model: a few-million-parameter Mistral built offline to stand in for OpenHermes-2.5.
+"""How the course's tiny chat model (data/tiny_model) was made: a 1.1M-parameter Mistral built offline to stand in
+for OpenHermes-2.5. Every learner gets the same shipped model; this script shows how it came about and rebuilds one
+(tests/test_build_tiny_model.py checks that a rebuild on another machine is as good, not that it has the same bits:
+floating-point sums differ between hosts).
 
-It is built in three steps, deterministically from a seed, and cached (rebuilt only when missing or
-when its recipe changes):
+    python scripts/build_tiny_model.py OUT_DIR            # about 2.5 minutes on one CPU core
+
+It is built in three steps, from a seed:
 
 1. a byte-level BPE tokenizer trained on the project's own text, with ChatML's ``<|im_start|>`` and
    ``<|im_end|>`` as special tokens, eos = ``<|im_end|>`` and a separate pad token, and
@@ -15,7 +19,6 @@ when its recipe changes):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -32,23 +35,15 @@ import transformers
 import trl
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import MistralForCausalLM, PreTrainedTokenizerFast, PrinterCallback
+from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, PrinterCallback
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
-from helpers.architectures import mistral_config
-from helpers.paths import DATA_DIR, cache_dir, display_path
+from helpers.chatml import CHATML_TEMPLATE, IM_END, IM_START
+from helpers.profiles import DATA_DIR
 
-IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<pad>", "<unk>"
-BUILD_THREADS = 1  # torch threads while building: float sums in one order, so every machine builds the same weights
-
-# OpenHermes-2.5-Mistral-7B's chat template (ChatML), as published with that model.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+PAD, UNK = "<pad>", "<unk>"
+BUILD_THREADS = 1  # torch threads while building: the sums in one order on a given machine
 
 
 @dataclass(frozen=True)
@@ -67,22 +62,6 @@ class TinyRecipe:
     sft_learning_rate: float = 3e-3
     seed: int = 1234
     version: int = 1  # bump to force a rebuild when the build code changes meaning
-
-
-def _recipe_key(recipe: TinyRecipe) -> str:
-    """A short hash of the recipe, the data it trains on and the library versions that shape the weights."""
-    parts = {
-        "recipe": asdict(recipe),
-        "sft": hashlib.sha256((DATA_DIR / "sft.jsonl").read_bytes()).hexdigest(),
-        "train": hashlib.sha256((DATA_DIR / "train.jsonl").read_bytes()).hexdigest(),
-        "versions": [torch.__version__, transformers.__version__, trl.__version__, tokenizers.__version__],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def tiny_model_dir(recipe: TinyRecipe = TinyRecipe()) -> Path:
-    """The cache folder of the tiny model built from ``recipe`` (it may not exist yet)."""
-    return cache_dir() / "tiny-model" / _recipe_key(recipe)
 
 
 def _corpus() -> list[str]:
@@ -129,7 +108,7 @@ def build_tokenizer(recipe: TinyRecipe = TinyRecipe()):
 
 def build_untrained_model(tokenizer, recipe: TinyRecipe = TinyRecipe()):
     """A randomly initialised MistralForCausalLM with grouped-query attention (seeded)."""
-    config = mistral_config(
+    config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
@@ -199,55 +178,48 @@ def _instruction_tune(model, tokenizer, recipe: TinyRecipe, work_dir: Path, prog
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def build_tiny_model(
-    recipe: TinyRecipe = TinyRecipe(), *, force: bool = False, progress: bool = True
-) -> Path:
-    """Build (or reuse) the tiny chat model and return its folder, loadable with ``from_pretrained``.
-
-    The build is written to a temporary folder and renamed into place, so an interrupted build never
-    leaves a half-written model behind.
-    """
-    target = tiny_model_dir(recipe)
-    if (target / "config.json").exists() and not force:
-        return target
+def build_tiny_model(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), *, progress: bool = True) -> Path:
+    """Build the tiny chat model into ``out_dir`` (replaced if it exists) and return it, loadable with
+    ``from_pretrained``. Written to a temporary folder first and renamed: an interrupted build leaves nothing."""
+    target = Path(out_dir)
     threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)  # the same weights on every machine: the sums run in one fixed order
-    try:
-        return _build(recipe, target, force=force, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _build(recipe: TinyRecipe, target: Path, *, force: bool, progress: bool) -> Path:
-    """Tokenizer, untrained model, SFT, save to a temporary folder, rename into ``target``."""
+    torch.set_num_threads(BUILD_THREADS)
     if not progress:
         datasets.disable_progress_bars()  # "Dropping fully masked examples", one bar per call, in a log
         hf_logging.disable_progress_bar()  # "Writing model shards"
     logging.getLogger("transformers").setLevel(logging.ERROR)
     started = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    tokenizer = build_tokenizer(recipe)
-    model = build_untrained_model(tokenizer, recipe)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
-        work = Path(tmp)
-        if progress:
-            print(f"building the tiny chat model ({model.num_parameters():,} parameters) in {display_path(target)}")
-        losses = _instruction_tune(model, tokenizer, recipe, work, progress)
-        out = work / "model"
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        info = {
-            "recipe": asdict(recipe),
-            "key": target.name,
-            "parameters": model.num_parameters(),
-            "sft_losses": losses,
-            "build_seconds": round(time.perf_counter() - started, 1),
-        }
-        (out / "tiny_recipe.json").write_text(json.dumps(info, indent=2))
-        if force and target.exists():
-            shutil.rmtree(target)
-        out.replace(target)
+    try:
+        torch.manual_seed(recipe.seed)
+        tokenizer = build_tokenizer(recipe)
+        model = build_untrained_model(tokenizer, recipe)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
+            if progress:
+                print(f"building the tiny chat model ({model.num_parameters():,} parameters)")
+            losses = _instruction_tune(model, tokenizer, recipe, Path(tmp), progress)
+            out = Path(tmp) / "model"
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            info = {"recipe": asdict(recipe), "parameters": model.num_parameters(), "sft_losses": losses,
+                    "build_seconds": round(time.perf_counter() - started, 1),
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "trl": trl.__version__, "tokenizers": tokenizers.__version__}}
+            (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            out.replace(target)
+    finally:
+        torch.set_num_threads(threads)
     if progress:
-        print(f"tiny chat model built in {info['build_seconds']} s (SFT loss {losses[0]:.2f} -> {losses[-1]:.2f})")
+        print(f"built in {info['build_seconds']} s (SFT loss {losses[0]:.2f} -> {losses[-1]:.2f})")
     return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        print(__doc__)
+        sys.exit(2)
+    build_tiny_model(sys.argv[1], progress=sys.stdout.isatty())

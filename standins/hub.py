@@ -1,43 +1,10 @@
-"""The real configurations of the chat models the course uses, in one place, and one config builder per family.
-
-Two base models appear in the profiles: ``teknium/OpenHermes-2.5-Mistral-7B`` (``full``, a Mistral-7B fine-tune
-with ChatML's two tokens added to the vocabulary) and ``Qwen/Qwen2.5-0.5B-Instruct`` (``t4``). Their published
-``config.json``, ``generation_config.json`` and tokenizer conventions are transcribed here, so the course can build
-them on PyTorch's ``meta`` device (count parameters, size memory) and :mod:`helpers.standins` can build offline
-stand-ins that follow them. Where each value was confirmed, and what could not be, is listed in docs/standins.md.
-
-:func:`mistral_config` is the one place a ``MistralConfig`` is built for a given shape (the tiny model, the
-benchmark models, the GPU check and the 7B memory tables all use it); :func:`qwen2_config` does the same for
-Qwen2. Both check the shape (heads divide the width, key/value heads divide the heads) and refuse unknown
-settings, which ``transformers`` would otherwise store silently.
-"""
+"""The GPU profiles' hub models as published: their config.json, generation_config.json and tokenizer conventions,
+transcribed so that the stand-ins (standins.build) follow them. Where each value was confirmed, and what could not be,
+is listed in docs/standins.md."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Mapping
 from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedConfig, Qwen2Config
-
-OPENHERMES_ID = "teknium/OpenHermes-2.5-Mistral-7B"
-QWEN2_5_0_5B_ID = "Qwen/Qwen2.5-0.5B-Instruct"
-MISTRAL_7B_ID = "mistralai/Mistral-7B-v0.1"
-
-SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
-# config.json keys that describe the file, not the model: dropped before building a config object
-_FILE_ONLY_KEYS = ("model_type", "transformers_version", "_name_or_path")
-# legacy names transformers 5 still accepts (and converts): rope_theta -> rope_parameters, torch_dtype -> dtype
-_LEGACY_KEYS = frozenset({"rope_theta", "rope_scaling", "torch_dtype"})
 
 # ------------------------------------------------------------------------------------------ Mistral-7B / OpenHermes
 
@@ -188,7 +155,6 @@ QWEN2_5_TOKENIZER: dict[str, Any] = {  # tokenizer_config.json settings (besides
     "split_special_tokens": False,
     "additional_special_tokens": [token for token, special in QWEN2_5_ADDED_TOKENS[1:14]],
 }
-QWEN2_5_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 # Qwen2.5-Instruct's chat template: ChatML with tool calls, and its default system prompt when there is none.
 QWEN2_5_CHAT_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
@@ -246,136 +212,3 @@ QWEN2_5_CHAT_TEMPLATE = """{%- if tools %}
 {%- endif %}
 """  # noqa: E501  (the template's own lines, kept verbatim)
 
-# Parameter counts, as published (GGUF metadata, model cards) and as counted here on the meta device.
-PUBLISHED_PARAMETERS: dict[str, int] = {
-    MISTRAL_7B_ID: 7_241_732_096,  # vocabulary 32,000
-    QWEN2_5_0_5B_ID: 494_032_768,  # "0.49B (0.36B non-embedding)", tied embeddings counted once
-}
-# OpenHermes-2.5 adds two rows to the input embedding and two to the untied output head: 2 x 2 x 4096.
-OPENHERMES_PARAMETERS = PUBLISHED_PARAMETERS[MISTRAL_7B_ID] + 2 * 2 * MISTRAL_7B_SHAPE["hidden_size"]
-
-
-# ------------------------------------------------------------------------------------------ building configs
-
-
-def _known_keys(config_class: type[PreTrainedConfig]) -> frozenset[str]:
-    """The settings ``config_class`` defines (its dataclass fields) plus the legacy names it converts."""
-    return frozenset(f.name for f in dataclasses.fields(config_class)) | _LEGACY_KEYS
-
-
-def _build(
-    config_class: type[PreTrainedConfig],
-    builder: str,
-    shape: Mapping[str, Any] | None,
-    explicit: Mapping[str, int | None],
-    overrides: Mapping[str, Any],
-) -> PreTrainedConfig:
-    """Merge ``shape``, the explicit shape keywords and ``overrides``; check them; build ``config_class``."""
-    values: dict[str, Any] = {k: v for k, v in dict(shape or {}).items() if k not in _FILE_ONLY_KEYS}
-    values.update({k: v for k, v in explicit.items() if v is not None})
-    values.update(overrides)
-    missing = [k for k in SHAPE_KEYS if values.get(k) is None]
-    if missing:
-        raise TypeError(f"{builder}() needs the shape values {', '.join(missing)} (keywords or a shape mapping)")
-    known = _known_keys(config_class)
-    unknown = sorted(k for k in values if k not in known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            f"{builder}(): unknown {config_class.__name__} setting(s) {', '.join(hints)}; transformers would "
-            "store them silently and the model would not use them"
-        )
-    for key in SHAPE_KEYS:
-        if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1:
-            raise ValueError(f"{builder}(): {key} must be a positive integer, not {values[key]!r}")
-    heads, kv_heads, hidden = values["num_attention_heads"], values["num_key_value_heads"], values["hidden_size"]
-    if heads % kv_heads:
-        raise ValueError(
-            f"{builder}(): num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads}): "
-            "grouped-query attention shares each key/value head among the same number of query heads"
-        )
-    if values.get("head_dim") is None and hidden % heads:
-        raise ValueError(
-            f"{builder}(): hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}), "
-            "or give head_dim explicitly"
-        )
-    return config_class(**values)
-
-
-def mistral_config(
-    shape: Mapping[str, Any] | None = None,
-    /,
-    *,
-    vocab_size: int | None = None,
-    hidden_size: int | None = None,
-    intermediate_size: int | None = None,
-    num_hidden_layers: int | None = None,
-    num_attention_heads: int | None = None,
-    num_key_value_heads: int | None = None,
-    **overrides: Any,
-) -> MistralConfig:
-    """A ``MistralConfig`` of the given shape: the one builder behind every Mistral-shaped model in the course.
-
-    The six shape values come from ``shape`` (e.g. :data:`MISTRAL_7B_SHAPE`, which has all but the vocabulary),
-    from the keywords, or both (keywords win). Every other setting is ``MistralConfig``'s default unless given in
-    ``overrides`` (``max_position_embeddings=512, sliding_window=None, bos_token_id=None, ...``), so a call with
-    the same arguments as ``MistralConfig(...)`` gives the same config. Misspelt settings raise ``ValueError``;
-    for Mistral-7B's own values use :func:`openhermes_config` or pass ``**OPENHERMES_2_5_CONFIG``.
-    """
-    explicit = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-    }
-    return _build(MistralConfig, "mistral_config", shape, explicit, overrides)
-
-
-def qwen2_config(
-    shape: Mapping[str, Any] | None = None,
-    /,
-    *,
-    vocab_size: int | None = None,
-    hidden_size: int | None = None,
-    intermediate_size: int | None = None,
-    num_hidden_layers: int | None = None,
-    num_attention_heads: int | None = None,
-    num_key_value_heads: int | None = None,
-    **overrides: Any,
-) -> Qwen2Config:
-    """A ``Qwen2Config`` of the given shape, built and checked like :func:`mistral_config`."""
-    explicit = {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-    }
-    return _build(Qwen2Config, "qwen2_config", shape, explicit, overrides)
-
-
-def openhermes_config(**overrides: Any) -> MistralConfig:
-    """OpenHermes-2.5-Mistral-7B's real config (vocabulary 32,002, Mistral-7B's shape), optionally changed."""
-    return mistral_config(OPENHERMES_2_5_CONFIG, **overrides)
-
-
-def qwen2_5_0_5b_config(**overrides: Any) -> Qwen2Config:
-    """Qwen2.5-0.5B-Instruct's real config (tied embeddings, 14 query / 2 key-value heads), optionally changed."""
-    return qwen2_config(QWEN2_5_0_5B_CONFIG, **overrides)
-
-
-def meta_model(config: PreTrainedConfig) -> torch.nn.Module:
-    """The causal LM of ``config`` on PyTorch's meta device: every module and shape, no weights, no memory."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def parameter_count(config: PreTrainedConfig) -> int:
-    """The number of parameters of the model ``config`` describes (tied weights counted once), without memory."""
-    return sum(p.numel() for p in meta_model(config).parameters())
