@@ -1,5 +1,5 @@
-"""helpers.standins: the offline stand-ins load under the real hub ids, look like the real models and data, and
-are built deterministically; activation refuses to come too late.
+"""The standins package (test support): the offline stand-ins load under the real hub ids, look like the real models
+and data, and are built deterministically; activation refuses to come too late.
 
 The stand-ins are built once per session into a temporary COURSE_CACHE_DIR (seconds). What the course sees is
 checked in a fresh Python process that activates them first, as the course does, and then loads everything by
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import standins
-from helpers.paths import REPO_ROOT
+import standins
+from helpers.profiles import REPO_ROOT
+from standins import build
 
 QWEN, HERMES, ORCA = "Qwen/Qwen2.5-0.5B-Instruct", "teknium/OpenHermes-2.5-Mistral-7B", "Intel/orca_dpo_pairs"
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -27,7 +28,7 @@ QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful
 def _child_env(cache: Path, **extra: str) -> dict[str, str]:
     """This process's environment without any Hugging Face or stand-in setting, with ``cache`` as the cache."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_")) and k != standins.STANDINS_ENV_VAR}
+           if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_")) and k != standins.ENV_VAR}
     env.update(COURSE_CACHE_DIR=str(cache), PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
@@ -46,7 +47,7 @@ def standin_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("standin-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COURSE_CACHE_DIR", str(cache))
-        standins.build_standins()
+        build.build_standins()
     return cache
 
 
@@ -54,15 +55,20 @@ def standin_cache(tmp_path_factory) -> Path:
 def standin_home(standin_cache) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COURSE_CACHE_DIR", str(standin_cache))
-        return standins.standins_home()
+        return build.standins_home()
 
 
 PROBE = r'''
-import json, sys, warnings
-from helpers import standins
-home = standins.activate_standins()          # first thing, as helpers.notebook.start does
-facts = {"home": str(home), "active": standins.standins_active(), "note_t4": standins.standin_note("t4"),
-         "note_full": standins.standin_note("full")}
+import io, json, sys, contextlib
+import standins
+home = standins.activate_cache()          # first thing, as helpers.notebook.start does
+notes = {}
+for name in ("t4", "full"):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        profile = standins.activate(name)
+    notes[name] = {"note": out.getvalue(), "real_model": profile.real_model, "tasks": profile.lm_eval["tasks"],
+                   "rounds_steps": profile.on_policy["round_steps"]}
+facts = {"home": str(home), "width": standins.requested_width(), "notes": notes}
 import torch
 import datasets
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -110,19 +116,18 @@ course = {}
 try:  # the course's own loaders, unchanged, on the GPU profiles
     from helpers.profiles import get_profile
     from helpers.data import load_preference_data
-    from helpers.loading import load_tokenizer
+    from helpers.models import load_tokenizer
     for name in ("t4", "full"):
-        profile = get_profile(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        profile = get_profile(name, allow_cpu=True)
+        with contextlib.redirect_stdout(io.StringIO()):
             split = load_preference_data(profile)
-        tok = load_tokenizer(profile)
+        tok = load_tokenizer(profile.model_id)
         course[name] = {"train": len(split["train"]), "heldout": len(split["heldout"]),
-                        "pad": tok.pad_token, "eos": tok.eos_token, "model": profile.model.name}
+                        "pad": tok.pad_token, "eos": tok.eos_token, "model": profile.model_id}
 except Exception as exc:
     course["error"] = f"{type(exc).__name__}: {exc}"
 facts["course"] = course
-standins.activate_standins()  # a second call, libraries already pointed here: fine
+standins.activate_cache()  # a second call, libraries already pointed here: fine
 facts["env"] = {k: __import__("os").environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
                                                             "TRANSFORMERS_OFFLINE", "COURSE_STANDINS")}
 print(json.dumps(facts))
@@ -140,22 +145,24 @@ def probe(standin_cache) -> dict:
 
 def test_activation_points_the_libraries_at_the_standins(probe, standin_home):
     assert Path(probe["home"]) == standin_home.resolve()
-    assert probe["active"]
+    assert probe["width"] == "tiny"
     assert probe["env"] == {"HF_HOME": str(standin_home.resolve()), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                             "TRANSFORMERS_OFFLINE": "1", "COURSE_STANDINS": "1"}
-    for note in (probe["note_t4"], probe["note_full"]):
-        assert "stand-in" in note.lower() and "NOT the real model and data" in note
-    assert QWEN in probe["note_t4"] and HERMES in probe["note_full"]
+    for name, model in (("t4", QWEN), ("full", HERMES)):
+        note = probe["notes"][name]
+        assert "STAND-INS" in note["note"] and "NOT the real model and data" in note["note"] and model in note["note"]
+        assert not note["real_model"], "a stand-in run must never push to the hub"
+        assert note["tasks"] == ["course_preferences"]  # the card's suite needs the hub
 
 
 def test_activation_after_a_library_import_is_refused_and_changes_nothing(standin_cache, tmp_path):
     code = r'''
 import json, os, sys
-from helpers import standins
+import standins
 clean = not any(m in sys.modules for m in ("huggingface_hub", "transformers", "datasets", "tokenizers"))
 import transformers  # reads HF_HOME and HF_HUB_OFFLINE now (huggingface_hub.constants)
 try:
-    standins.activate_standins()
+    standins.activate_cache()
     outcome = "activated"
 except standins.StandinsActivationError as exc:
     outcome = str(exc)
@@ -164,22 +171,22 @@ print(json.dumps({"clean_import": clean, "outcome": outcome, "hf_home": os.envir
 '''
     elsewhere = str(tmp_path / "elsewhere")
     facts = _run(code, _child_env(standin_cache, HF_HOME=elsewhere))
-    assert facts["clean_import"], "importing helpers.standins must not import any Hugging Face library"
+    assert facts["clean_import"], "importing standins must not import any Hugging Face library"
     assert "too late" in facts["outcome"] and "huggingface_hub" in facts["outcome"]
     assert facts["hf_home"] == elsewhere and facts["switch"] is None
 
 
 def test_the_switch(monkeypatch):
-    monkeypatch.delenv(standins.STANDINS_ENV_VAR, raising=False)
-    assert not standins.standins_active() and standins.activate_if_requested() is None
+    monkeypatch.delenv(standins.ENV_VAR, raising=False)
+    assert standins.requested_width() is None
     for value, width in (("1", "tiny"), ("true", "tiny"), ("real", "real")):
-        monkeypatch.setenv(standins.STANDINS_ENV_VAR, value)
-        assert standins.standins_active() and standins.requested_recipe().width == width
-    monkeypatch.setenv(standins.STANDINS_ENV_VAR, "0")
-    assert not standins.standins_active()
-    monkeypatch.setenv(standins.STANDINS_ENV_VAR, "maybe")
+        monkeypatch.setenv(standins.ENV_VAR, value)
+        assert standins.requested_width() == width
+    monkeypatch.setenv(standins.ENV_VAR, "0")
+    assert standins.requested_width() is None
+    monkeypatch.setenv(standins.ENV_VAR, "maybe")
     with pytest.raises(ValueError, match="COURSE_STANDINS"):
-        standins.standins_active()
+        standins.requested_width()
     with pytest.raises(ValueError, match="width"):
         standins.StandinRecipe(width="huge")
 
@@ -233,11 +240,14 @@ def test_qwen_standin_generation_config_mirrors_qwens(probe):
 
 
 def test_real_width_qwen_config_counts_the_real_parameters():
-    from helpers import architectures as arch
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = standins.qwen_standin_config(standins.StandinRecipe(width="real"), first_added_id=2000)
-    assert arch.parameter_count(config) == 494_032_768
-    real = arch.qwen2_5_0_5b_config().to_dict()
+    config = build.qwen_standin_config(standins.StandinRecipe(width="real"), first_added_id=2000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768  # Qwen2.5-0.5B's published count
+    real = Qwen2Config(**build.published.QWEN2_5_0_5B_CONFIG).to_dict()
     built = config.to_dict()
     assert (built.pop("bos_token_id"), built.pop("eos_token_id")) == (2000, 2002)
     real.pop("bos_token_id"), real.pop("eos_token_id")
@@ -255,7 +265,7 @@ def test_openhermes_standin_has_the_real_structure(probe, standin_home):
     assert config["num_attention_heads"] // config["num_key_value_heads"] == 4  # as 32 / 8
     assert (config["sliding_window"], config["rms_norm_eps"], config["bos_token_id"]) == (4096, 1e-5, 1)
     assert config["vocab_size"] == h["len"] == h["logits_width"]  # 32002 = 32000 + 2, no padding
-    shards = sorted(p.name for p in standins.snapshot_dir(standin_home, HERMES).glob("*.safetensors"))
+    shards = sorted(p.name for p in build.snapshot_dir(standin_home, HERMES).glob("*.safetensors"))
     assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
 
@@ -279,7 +289,7 @@ def test_openhermes_standin_chat_template_is_plain_chatml(probe):
 
 
 def test_openhermes_standin_files_mirror_the_real_ones(standin_home):
-    folder = standins.snapshot_dir(standin_home, HERMES)
+    folder = build.snapshot_dir(standin_home, HERMES)
     special = json.loads((folder / "special_tokens_map.json").read_text())
     assert special == {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "</s>", "unk_token": "<unk>"}
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -295,7 +305,7 @@ def test_dataset_loads_by_hub_id_with_the_real_columns(probe):
     data = probe["data"]
     assert data["columns"] == ["system", "question", "chosen", "rejected"]  # the real order, no "kind"
     assert len(data["rows"]) >= 420
-    assert data["rows"] == standins.standin_rows()  # generated by code, deterministically
+    assert data["rows"] == build.standin_rows()  # generated by code, deterministically
 
 
 def test_dataset_holds_the_awkward_rows(probe):
@@ -340,19 +350,19 @@ def _files(home: Path) -> dict[str, bytes]:
 
 def test_build_is_deterministic(standin_home, tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
-    other = standins.build_standins()
+    other = build.build_standins()
     assert other.name == standin_home.name and other != standin_home
     first, second = _files(standin_home), _files(other)
     assert sorted(first) == sorted(second)
     assert [name for name in first if first[name] != second[name]] == []
-    info = standins.standin_info(other)
+    info = json.loads((other / standins.MARKER).read_text())
     assert info["kind"] == "course-standins" and info["build_seconds"] < 60 and info["dataset"]["rows"] >= 420
 
 
 def test_a_second_build_reuses_the_cache(standin_cache, standin_home, monkeypatch):
     monkeypatch.setenv("COURSE_CACHE_DIR", str(standin_cache))
     before = (standin_home / standins.MARKER).stat().st_mtime_ns
-    assert standins.build_standins() == standin_home
+    assert build.build_standins() == standin_home
     assert (standin_home / standins.MARKER).stat().st_mtime_ns == before
 
 
@@ -362,7 +372,7 @@ def test_an_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # after the data set and a snapshot folder were written
 
-    monkeypatch.setattr(standins, "_write_model", interrupted)
+    monkeypatch.setattr(build, "_write_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        standins.build_standins()
+        build.build_standins()
     assert list((tmp_path / "standins").iterdir()) == []
