@@ -1,4 +1,4 @@
-"""solutions/: one worked-answers notebook per course notebook with exercises, following the course's skeleton.
+"""The notebooks' shape: one worked-answers notebook per course notebook with exercises, following the skeleton.
 
 Only the notebooks' JSON is read here (nothing is executed): nbval runs the solutions themselves
 (``pytest --nbval-lax solutions/`` after ``notebooks/``, see scripts/run_checks.sh).
@@ -104,7 +104,8 @@ def test_solution_follows_the_skeleton(course):
     assert "PROFILE = None" in source(solution[2])
     start = source(solution[3])
     assert start.startswith("# NBVAL_IGNORE_OUTPUT")
-    assert "profile = notebook.start(PROFILE, use_drive=USE_DRIVE)" in start
+    assert "profile = notebook.start(PROFILE, use_drive_on_colab=USE_DRIVE, seed=SEED)" in start
+    assert "SEED = " in source(solution[2]), "the parameters cell sets the seed (benchmarks/seeds.py injects others)"
 
 
 @pytest.mark.parametrize("course", COURSE, ids=IDS)
@@ -117,3 +118,22 @@ def test_solution_cells_must_pass(course):
             assert "raise NotImplementedError" not in source(cell), "an exercise stub was left in the solution"
             errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
             assert not errors, f"{solution_path(course).name}: committed output holds an error: {errors[0]['ename']}"
+
+
+NOTEBOOKS_ALL = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS_ALL, ids=[p.stem for p in NOTEBOOKS_ALL])
+def test_every_notebook_opens_the_same_way_and_can_run_short(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    opening = [source(c) for c in nb["cells"][:4]]
+    assert opening[0].startswith(f"# {path.stem[:2]} · ") and f"/blob/main/notebooks/{path.name})" in opening[0]
+    assert "**Cost**" in opening[0], "the title cell says what the notebook costs (docs/costs.csv)"
+    assert nb["cells"][2].get("metadata", {}).get("tags") == ["parameters"]
+    for line in ("PROFILE = None", "USE_DRIVE = ", "RUN_ID = ", "SEED = "):
+        assert line in opening[2], f"{path.name}: the parameters cell lacks {line!r}"
+    assert "profile = notebook.start(PROFILE, use_drive_on_colab=USE_DRIVE, seed=SEED)" in opening[3]
+    short = nb["metadata"].get("course", {}).get("short_run")
+    assert isinstance(short, dict), f"{path.name}: metadata course.short_run (the stand-in tests' parameters) missing"
+    text = "\n".join(source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "## Summary" in text, f"{path.name} ends without a Summary"
