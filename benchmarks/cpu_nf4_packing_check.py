@@ -6,7 +6,7 @@ weights - and runs faster. TRL's ``precompute_ref_log_probs`` pass does exactly 
 
 Three LoRA gradients of the same small NF4 Mistral on the same batch: (1) never packed, (2) after one eval
 no-grad forward with bitsandbytes' default (packing allowed: packed), (3) the same with packing forbidden, as the
-course does (helpers.loading.forbid_cpu_nf4_packing). Not a timing: prints the gradient differences and writes
+course does (helpers.models.keep_nf4_trainable). Not a timing: prints the gradient differences and writes
 results/cpu_nf4_packing_check.json.
 
     .venv/bin/python -m benchmarks.cpu_nf4_packing_check
@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 
 from benchmarks import _common as C
 from benchmarks.gpu import build_nf4_mistral, mistral_7b_config
-from helpers.loading import forbid_cpu_nf4_packing, packed_nf4_layers
+from helpers.models import keep_nf4_trainable
 
 NAME = "cpu_nf4_packing_check"
 
@@ -42,14 +42,14 @@ def main() -> int:
     def lora_grads(eval_forward_first: bool, forbid_packing: bool) -> dict:
         model = copy.deepcopy(base)
         if forbid_packing:
-            forbid_cpu_nf4_packing(model)
+            keep_nf4_trainable(model)
         else:  # bitsandbytes' own default, set explicitly: the packing this script shows (see C.allow_cpu_nf4_packing)
             C.allow_cpu_nf4_packing(model)
         if eval_forward_first:
             model.eval()
             with torch.no_grad():
                 model(input_ids=ids[:, :8])
-        packed = packed_nf4_layers(model)
+        packed = C.packed_nf4_layers(model)
         torch.manual_seed(0)
         model = get_peft_model(model, lora)
         for name, param in model.named_parameters():

@@ -1,13 +1,13 @@
 """The recipe's DPO on one GPU at its real scale, nothing downloaded: a Mistral-7B-shaped model (OpenHermes-2.5's
-config from helpers.architectures, random weights) built directly on the GPU in 4-bit NF4 and trained with the
-``full`` profile through the course's own trainer builder (helpers.training.build_trainer): LoRA r=16 on the seven
-projections, paged AdamW, gradient checkpointing, bf16 (fp16 on a T4), beta 0.1.
+config as published, random weights) built directly on the GPU in 4-bit NF4 and trained with the ``full`` profile
+by notebook 04's ``DPOTrainer`` (``benchmarks._common.dpo_trainer``, prepared by helpers.training.prepare_trainer):
+LoRA r=16 on the seven projections, paged AdamW, gradient checkpointing, bf16 (fp16 on a T4), beta 0.1.
 
 ``step``: the course's configuration (the reference is the policy with its adapter switched off), the profile's
 batch (4 pairs x 4 accumulated = 16 pairs per optimizer step) at its max_length (1536 tokens per sequence).
 Prints seconds per step, pairs per second against the seed's anchor (200 steps x 16 pairs in about an hour on one
 A100 = 0.89 pairs/s), peak GPU memory (torch.cuda.max_memory_allocated) and model-FLOPs utilisation (MFU; the
-formula is :func:`step_flops`, checked against PyTorch's FLOP counter in tests/test_gpu_measure.py).
+formula is :func:`step_flops`, checked against PyTorch's FLOP counter in tests/test_gpu.py).
 
 ``reference``: the DPO reference model three ways, each in a fresh process, with the same model and data:
 (a) ``separate_ref``, a second NF4 copy passed as ``ref_model`` (the seed's first version); (b) ``peft_ref``,
@@ -47,15 +47,10 @@ from transformers import MistralConfig, MistralForCausalLM, TrainerCallback
 from transformers.utils.quantization_config import QuantizationMethod
 
 from benchmarks import _common as C
-from helpers.architectures import meta_model, openhermes_config, parameter_count
-from helpers.hardware import compute_dtype
-from helpers.loading import forbid_cpu_nf4_packing, packed_nf4_layers, quantized_layer_names
+from helpers.models import keep_nf4_trainable
 from helpers.notebook import quiet_libraries
-from helpers.paths import display_path
 from helpers.profiles import Profile, get_profile
-from helpers.progress import StepTimer
-from helpers.saving import write_json_atomically
-from helpers.training import build_trainer
+from helpers.runs import display_path, write_json
 
 ANCHOR_PAIRS_PER_SECOND = 200 * 16 / 3600  # the seed's run: 200 steps x 16 pairs in about an hour on one A100
 MEMORY_TARGET, SPEED_TARGET = 0.6, 1.2  # (b) peak / (a) peak; (c) steps per second / (b)
@@ -99,12 +94,12 @@ LABELS = {"separate_ref": "(a) separate ref_model", "peft_ref": "(b) adapter off
 
 
 def mistral_7b_config(tokenizer, *, test_mode: bool = False) -> MistralConfig:
-    """OpenHermes-2.5-Mistral-7B's config (Mistral-7B's shape, 32,002-token vocabulary, helpers.architectures) with
+    """OpenHermes-2.5-Mistral-7B's config (Mistral-7B's shape, 32,002-token vocabulary, benchmarks._common) with
     ``tokenizer``'s special ids; ``test_mode``: the same config at :data:`TEST_SHAPE`'s width.
 
     The tokenizer is the tiny model's (ids below 2,048, all valid ids of the 32,002-token vocabulary).
     """
-    config = openhermes_config(**(TEST_SHAPE if test_mode else {}), bos_token_id=None,
+    config = C.mistral_config(**(TEST_SHAPE if test_mode else {}), bos_token_id=None,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"the tokenizer's {len(tokenizer)} tokens do not fit the {config.vocab_size}-token vocabulary")
@@ -118,7 +113,7 @@ def matmul_parameters(config: MistralConfig) -> dict[str, int]:
     part of ``layers`` that gradient checkpointing does not recompute, see :func:`step_flops`); ``head``: the output
     head. The input embedding is a lookup and does no matmul.
     """
-    model = meta_model(config)
+    model = C.meta_model(config)
     head = model.get_output_embeddings()
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     return {
@@ -177,9 +172,9 @@ def build_nf4_mistral(config: MistralConfig, *, device: str | torch.device, dtyp
     """A MistralForCausalLM with random weights made directly on ``device``, its decoder linear layers in NF4.
 
     Built on the meta device, then each decoder ``nn.Linear`` becomes a bitsandbytes ``Linear4bit`` (NF4, double
-    quantisation, as helpers.loading.bnb_config) whose random weight is drawn on the device in ``dtype`` and
+    quantisation, as the profiles' BitsAndBytesConfig) whose random weight is drawn on the device in ``dtype`` and
     quantised there at once, one layer at a time, so the full-precision model never exists (7B in bf16 would be
-    14.5 GB; writing it out and loading it with helpers.loading.load_model would cost minutes of disk I/O, and
+    14.5 GB; writing it out and loading it with from_pretrained would cost minutes of disk I/O, and
     that loading path is what the acceptance run's pipeline step checks). Embeddings, norms and lm_head are made
     in ``dtype``, as ``from_pretrained(..., quantization_config=...)`` leaves them. Flagged as transformers flags a
     bitsandbytes 4-bit model (``is_loaded_in_4bit``, ``quantization_method``), so PEFT wraps the layers with its
@@ -251,17 +246,15 @@ def run_profile(*, test_mode: bool, seq_len: int, steps: int, accumulation: int 
 
     The recipe's LR warm-up is dropped (it changes no step's cost). ``accumulation``: micro-batches per optimizer
     step (None: the profile's 4; test mode 1). Test mode: :data:`TEST_PAIRS_PER_MICRO_BATCH` pairs per micro-batch;
-    the CPU itself turns bf16 into fp32 and paged AdamW into AdamW (helpers.hardware, helpers.training.optimizer_name).
+    on a CPU the profile itself trains in fp32 with plain AdamW (helpers.profiles.fit_to_machine).
     """
-    profile = get_profile("full", check_hardware=not test_mode)
-    training: dict[str, Any] = {"max_steps": steps, "warmup_steps": 0, "save_steps": 10_000, "logging_steps": 1}
+    changes: dict[str, Any] = {"max_steps": steps, "warmup_steps": 0, "save_strategy": "no", "logging_steps": 1,
+                               "max_length": seq_len, "disable_tqdm": True}
     if test_mode:
-        training["per_device_train_batch_size"] = TEST_PAIRS_PER_MICRO_BATCH
-        training["gradient_accumulation_steps"] = 1
+        changes.update(per_device_train_batch_size=TEST_PAIRS_PER_MICRO_BATCH, gradient_accumulation_steps=1)
     if accumulation is not None:
-        training["gradient_accumulation_steps"] = accumulation
-    profile = profile.replace("training", **training)
-    return profile.replace("dpo", max_length=seq_len)
+        changes["gradient_accumulation_steps"] = accumulation
+    return get_profile("full", allow_cpu=test_mode).with_changes("dpo", **changes)
 
 
 def run_dpo(mode: str = "peft_ref", *, test_mode: bool = False, seq_len: int | None = None, steps: int = 10,
@@ -282,20 +275,20 @@ def run_dpo(mode: str = "peft_ref", *, test_mode: bool = False, seq_len: int | N
     if not test_mode and not cuda:
         raise RuntimeError(NO_CUDA_MESSAGE)
     started = time.perf_counter()
-    base = get_profile("full", check_hardware=False)
-    seq_len = seq_len or (TEST_SEQ_LEN if test_mode else base.dpo.max_length)
+    seq_len = seq_len or (TEST_SEQ_LEN if test_mode else get_profile("full", allow_cpu=True).dpo["max_length"])
     profile = run_profile(test_mode=test_mode, seq_len=seq_len, steps=warmup + steps, accumulation=accumulation)
-    dtype = compute_dtype(profile.quantization.compute_dtype)
+    dtype = getattr(torch, profile.dtype)
     tokenizer = C.bench_tokenizer()
     config = mistral_7b_config(tokenizer, test_mode=test_mode)
-    t = profile.training
-    pairs_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    t = profile.dpo
+    pairs_per_step = t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]
     dataset = C.synthetic_pairs(tokenizer, pairs_per_step * (warmup + steps), seq_len)
     out: dict[str, Any] = {
         "mode": mode, "test_mode": test_mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "parameters": parameter_count(config), "seq_len": seq_len, "pairs_per_step": pairs_per_step,
-        "per_device_train_batch_size": t.per_device_train_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps, "compute_dtype": str(dtype),
+        "parameters": sum(p.numel() for p in C.meta_model(config).parameters()), "seq_len": seq_len,
+        "pairs_per_step": pairs_per_step,
+        "per_device_train_batch_size": t["per_device_train_batch_size"],
+        "gradient_accumulation_steps": t["gradient_accumulation_steps"], "compute_dtype": str(dtype),
     }
 
     if cuda:
@@ -304,26 +297,22 @@ def run_dpo(mode: str = "peft_ref", *, test_mode: bool = False, seq_len: int | N
     model = build_nf4_mistral(config, device="cuda" if cuda else "cpu", dtype=dtype)
     ref_model = build_nf4_mistral(config, device="cuda" if cuda else "cpu", dtype=dtype) if mode == "separate_ref" \
         else None
-    if not cuda:  # before (c)'s precompute pass, which runs the model in eval mode: see forbid_cpu_nf4_packing
-        for m in (model, ref_model):
-            if m is not None:
-                forbid_cpu_nf4_packing(m)
+    for m in (model, ref_model):  # on a CPU, before (c)'s eval-mode precompute pass: see keep_nf4_trainable
+        if m is not None:
+            keep_nf4_trainable(m)
     if cuda:
         torch.cuda.synchronize()
         out["allocated_after_build_gib"] = torch.cuda.memory_allocated() / 2**30
     out["build_seconds"] = round(time.perf_counter() - t0, 1)
-    out["layers_in_4bit"] = len(quantized_layer_names(model))
+    out["layers_in_4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
 
-    overrides = dict(C.BENCH_OVERRIDES)
-    if mode == "peft_precompute":
-        overrides["precompute_ref_log_probs"] = True
+    profile = profile.with_changes("dpo", precompute_ref_log_probs=mode == "peft_precompute")
     output_dir = C.temp_folder("bench-gpu-dpo-")
-    timer, budget = StepTimer(sync_cuda=cuda), TrainingBudget(max_train_seconds)
+    timer, budget = C.step_timer(sync_cuda=cuda), TrainingBudget(max_train_seconds)
     try:
         t0 = time.perf_counter()
-        trainer = build_trainer(profile, model, tokenizer, dataset, output_dir, progress=False, ref_model=ref_model,
-                                **overrides)
+        trainer = C.dpo_trainer(profile, model, tokenizer, dataset, output_dir, ref_model=ref_model)
         if cuda:
             torch.cuda.synchronize()
         out["trainer_setup_seconds"] = round(time.perf_counter() - t0, 1)  # (c): includes the precompute pass
@@ -351,7 +340,7 @@ def run_dpo(mode: str = "peft_ref", *, test_mode: bool = False, seq_len: int | N
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
         out["peak_rss_train_mib"] = C.peak_rss_mib()
-        out["policy_packed_nf4_layers"] = packed_nf4_layers(trainer.model)  # > 0: the backward pass was wrong
+        out["policy_packed_nf4_layers"] = C.packed_nf4_layers(trainer.model)  # > 0: the backward pass was wrong
     out["steps_requested"] = warmup + steps
     out["steps_done"] = len(timer.seconds)
     out["stopped_by_time_budget"] = budget.stopped_after_step is not None
@@ -587,12 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = all("error" not in r and r["losses_finite"] for r in figures["results"].values())
     if args.test_mode:
         print("(test mode: the code path on CPU at a tiny shape - not a measurement)")
-    payload = {**C.run_header(name, argv, load_start, started, module="benchmarks.gpu"),
+    payload = {**C.run_header("gpu", argv, load_start, started),
                "test_mode": args.test_mode, "ok": ok, "anchor_pairs_per_second": ANCHOR_PAIRS_PER_SECOND,
                "figures": figures}
     path = Path(args.json) if args.json else None if args.test_mode else C.RESULTS_DIR / f"{name}.json"
     if path is not None:
-        write_json_atomically(path, payload)
+        write_json(path, payload)
         print(f"wrote {display_path(path)} in {payload['wall_seconds']:.0f} s")
     return 0 if ok else 1
 

@@ -18,7 +18,6 @@ import sys
 import time
 
 from benchmarks import _common as C
-from helpers.progress import median
 
 NAME = "omp_wait_policy"
 
@@ -59,7 +58,7 @@ def main(argv: list[str]) -> int:
     for policy in ("ACTIVE", "PASSIVE"):
         mine = [row["seconds_per_step"] for row in rows if row["policy"] == policy]
         if mine:
-            summary[policy] = median(mine)
+            summary[policy] = C.median(mine)
     payload = {**C.run_header(NAME, argv, load_start, started),
                "model": facts, "runs": runs, "rows": rows, "median_seconds_per_step": summary}
     C.write_result(NAME, payload)

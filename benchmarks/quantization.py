@@ -20,13 +20,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import _common as C
-from helpers.paths import display_path
+from helpers.runs import display_path
 
 NAME = "quantization"
 VARIANTS = {
-    "nf4": "4-bit NF4 linear layers, double quantisation, compute fp32 (helpers.loading.load_model, four_bit=True)",
-    "bf16": "bf16 weights (load_model, four_bit=False, dtype=bfloat16)",
-    "fp32": "fp32 weights (load_model, four_bit=False): the reference",
+    "nf4": "4-bit NF4 linear layers, double quantisation, compute fp32 (BitsAndBytesConfig, as notebook 02)",
+    "bf16": "bf16 weights (from_pretrained(dtype=\"bfloat16\"))",
+    "fp32": "fp32 weights: the reference",
 }
 
 
@@ -46,27 +46,22 @@ def worker(job: dict) -> dict:
     t_start = time.perf_counter()
     C.prepare_worker_process()
     import torch  # after prepare_worker_process, like the libraries below (see benchmarks/_common.py)
-    from peft import get_peft_model
-
-    from helpers.loading import load_model, packed_nf4_layers, quant_state_bytes
-    from helpers.lora import lora_config
-    from helpers.progress import major_page_faults, median
+    from peft import LoraConfig, get_peft_model
 
     out: dict = {"job": job, "loadavg_start": C.loadavg(), "rss_after_imports_mib": C.rss_mib()}
     variant = job["variant"]
-    profile = C.bench_profile(seq_len=job["seq_len"], batch=job["batch"], steps=1, four_bit=variant == "nf4",
-                              checkpointing=False)
+    profile = C.bench_profile(seq_len=job["seq_len"], batch=job["batch"], steps=1, checkpointing=False)
     t0 = time.perf_counter()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(variant)
-    model = load_model(profile, source=job["model_dir"], four_bit=variant == "nf4", dtype=dtype)
+    model = C.load_bench_model(job["model_dir"], four_bit=variant == "nf4",
+                               dtype="bfloat16" if variant == "bf16" else "float32")
     out["load_seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_load_mib"] = C.peak_rss_mib()
     out["rss_after_load_mib"] = C.rss_mib()
     out["footprint_mib"] = model.get_memory_footprint() / C.MIB
-    out["quant_state_mib"] = quant_state_bytes(model) / C.MIB if variant == "nf4" else 0.0
+    out["quant_state_mib"] = C.quant_state_bytes(model) / C.MIB if variant == "nf4" else 0.0
     out["parameter_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     # bitsandbytes would repack NF4 weights for its CPU inference kernel on the eval forward below, and that kernel
-    # has no backward: load_model has forbidden it (helpers.loading.forbid_cpu_nf4_packing) until the steps are done.
+    # has no backward: load_bench_model forbade it (helpers.models.keep_nf4_trainable) until the steps are done.
     out["materialized_mib"] = C.materialize_weights(model) / C.MIB  # see _common.materialize_weights
 
     generator = torch.Generator().manual_seed(1)
@@ -77,7 +72,7 @@ def worker(job: dict) -> dict:
     torch.save(logits, job["logits_path"])
     out["rss_after_forward_mib"] = C.rss_mib()  # every weight touched (safetensors pages are mapped lazily)
 
-    model = get_peft_model(model, lora_config(profile))
+    model = get_peft_model(model, LoraConfig(**profile.lora))
     trainable = [p for p in model.parameters() if p.requires_grad]
     out["adapter_dtypes"] = sorted({str(p.dtype) for p in trainable})
     out["trainable_parameters"] = sum(p.numel() for p in trainable)
@@ -88,14 +83,14 @@ def worker(job: dict) -> dict:
     out["speed_probe_before"] = C.speed_probe()
     C.reset_peak_rss()
     for _ in range(job["warmup"] + job["steps"]):
-        t0, c0, f0 = time.perf_counter(), time.process_time(), major_page_faults()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), C.major_page_faults()
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         seconds.append(time.perf_counter() - t0)
         cpu_seconds.append(time.process_time() - c0)
-        faults.append(major_page_faults() - f0)
+        faults.append(C.major_page_faults() - f0)
     out["peak_train_mib"] = C.peak_rss_mib()
     out["speed_probe_after"] = C.speed_probe()
     out["ru_maxrss_mib"] = C.ru_maxrss_mib()
@@ -108,14 +103,14 @@ def worker(job: dict) -> dict:
             t0 = time.perf_counter()
             packed_logits = model(input_ids=probe).logits.float()
             out["packed_forward_seconds"] = time.perf_counter() - t0
-        out["packed_layers"] = packed_nf4_layers(base)
+        out["packed_layers"] = C.packed_nf4_layers(base)
         if out["packed_layers"]:
             torch.save(packed_logits, job["logits_path"].replace(".pt", "-packed.pt"))
     out["step_seconds_all"] = [round(s, 2) for s in seconds]
     out["cpu_seconds_all"] = [round(s, 2) for s in cpu_seconds]
     out["major_faults_per_step"] = faults
-    out["seconds_per_step"] = median(seconds[job["warmup"]:] or seconds)
-    out["cpu_seconds_per_step"] = median(cpu_seconds[job["warmup"]:] or cpu_seconds)
+    out["seconds_per_step"] = C.median(seconds[job["warmup"]:] or seconds)
+    out["cpu_seconds_per_step"] = C.median(cpu_seconds[job["warmup"]:] or cpu_seconds)
     out["min_seconds_per_step"] = min(seconds[job["warmup"]:] or seconds)
     out["loadavg_end"] = C.loadavg()
     out["worker_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -245,14 +240,20 @@ def make_rows(results: dict) -> list[dict]:
 
 
 def mistral_7b_nf4_share() -> tuple[float, float]:
-    """(embedding + lm_head share of Mistral-7B's parameters, NF4 bytes / bf16 bytes), counted on a meta model."""
-    from helpers.architectures import meta_model, openhermes_config
-    from helpers.loading import weight_bytes
+    """(embedding + lm_head share of Mistral-7B's parameters, NF4 bytes / bf16 bytes), counted on a meta model.
 
-    model = meta_model(openhermes_config())
+    NF4 stores the decoder's linear layers in 4 bits with one absmax per block of 64 values (double quantisation:
+    a byte per block, and an fp32 per 256 blocks); embeddings, norms and lm_head stay in bf16.
+    """
+    import torch
+
+    model = C.meta_model(C.mistral_config())
+    head = model.get_output_embeddings()
     total = sum(p.numel() for p in model.parameters())
-    ends = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
-    return ends / total, weight_bytes(model, 4) / weight_bytes(model, 16)
+    ends = model.get_input_embeddings().weight.numel() + head.weight.numel()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    nf4 = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + (total - linear) * 2
+    return ends / total, nf4 / (total * 2)
 
 
 def nf4_weight_error(seed: int = 0) -> float:
@@ -279,7 +280,7 @@ def statements(rows: list[dict]) -> list[str]:
             f"its constants ({n['with_quant_state_mib'] / f['footprint_mib']:.2f} x). NF4 stores only the decoder's "
             "linear layers in 4 bits; the embeddings and lm_head stay in the compute dtype (fp32 on CPU), and with "
             "a 32,000-token vocabulary on a small model they are most of what remains - on Mistral-7B they are "
-            f"{share:.1%} of the parameters, so there NF4 weights are {ratio:.2f} x bf16 (helpers.loading). "
+            f"{share:.1%} of the parameters, so there NF4 weights are {ratio:.2f} x bf16. "
             f"Peak RSS during the LoRA steps: fp32 {f['peak_train_mib']:.0f}, bf16 {b['peak_train_mib']:.0f}, NF4 "
             f"{n['peak_train_mib']:.0f} MiB - "
             + ("NF4's peak is the highest although its stored weights are smaller: the step's transient memory on "

@@ -2,7 +2,7 @@
 
 (a) ``separate_ref``: a second copy of the base model loaded as ``ref_model`` (the seed's first version);
 (b) ``peft_ref``: ``ref_model=None``, the reference is the policy with its LoRA adapter switched off
-    (``helpers.training.build_trainer``, what the course does);
+    (notebook 04's ``DPOTrainer``, what the course does);
 (c) ``peft_precompute``: (b) + ``precompute_ref_log_probs=True``: the reference log-probs are computed in one
     pass before training, so a training step has no reference forward at all.
 
@@ -12,8 +12,8 @@ against (a). Targets: (b) <= 0.6 x the peak memory of (a); (c) >= 1.2 x the step
     .venv/bin/python -m benchmarks.reference_model            # ~3 min on a loaded 2-core machine
     .venv/bin/python -m benchmarks.reference_model --quick    # smaller model and shorter sequences
 
-(run from the repository root; every configuration trains with helpers.training.build_trainer, (a) with
-``ref_model=`` a second loaded copy)
+(run from the repository root; every configuration trains with notebook 04's ``DPOTrainer``
+(``benchmarks._common.dpo_trainer``), (a) with ``ref_model=`` a second loaded copy)
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import time
 from dataclasses import asdict
 
 from benchmarks import _common as C
-from helpers.paths import display_path
-from helpers.progress import median
+from helpers.runs import display_path
 
 NAME = "reference_model"
 MEMORY_TARGET = 0.6  # (b) peak / (a) peak
@@ -48,7 +47,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "and pool their timed steps: on a shared machine this spreads the disturbances over all")
     parser.add_argument("--allow-cpu-packing", action="store_true",
                         help="let bitsandbytes repack NF4 weights for its CPU inference kernel (breaks the backward "
-                        "pass after (c)'s precompute; see helpers.loading.forbid_cpu_nf4_packing)")
+                        "pass after (c)'s precompute; see helpers.models.keep_nf4_trainable)")
     return parser.parse_args(argv)
 
 
@@ -128,11 +127,11 @@ def pool(runs: list[dict]) -> dict:
     warmup = ok[0]["job"]["warmup"]
     wall = [s for r in ok for s in r["step_seconds_all"][warmup:]]
     cpu = [s for r in ok for s in r["cpu_seconds_all"][warmup:]]
-    merged.update(seconds_per_step=median(wall), min_seconds_per_step=min(wall), cpu_seconds_per_step=median(cpu),
+    merged.update(seconds_per_step=C.median(wall), min_seconds_per_step=min(wall), cpu_seconds_per_step=C.median(cpu),
                   min_cpu_seconds_per_step=min(cpu))
     for key in ("peak_train_mib", "rss_after_imports_mib", "rss_after_setup_mib", "rss_after_load_mib",
                 "speed_probe_before", "speed_probe_after", "trainer_setup_seconds", "load_seconds"):
-        merged[key] = median([r[key] for r in ok])
+        merged[key] = C.median([r[key] for r in ok])
     merged["step_seconds_all"] = [s for r in ok for s in r["step_seconds_all"]]
     merged["runs"] = ok
     return merged

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import _common as C
-from helpers.paths import display_path
+from helpers.runs import display_path
 
 NAME = "scaling"
 BASE_RANK = 16  # the recipe's r

@@ -1,9 +1,7 @@
-"""benchmarks.gpu, the one GPU measurement script: it refuses to run without CUDA before building anything, its model
-is Mistral-7B's published size, its FLOPs formula agrees with PyTorch's own FLOP counter on a real forward and
-backward, and its card table gives the published dense peaks.
-
-Its training code (build the 4-bit model, helpers.training.build_trainer, train, measure) runs on the CPU at a tiny
-shape in the acceptance script's test mode: tests/test_gpu_acceptance.py.
+"""benchmarks.gpu, the GPU measurement script: it refuses to run without CUDA before building anything, its model is
+Mistral-7B's published size, its FLOPs formula agrees with PyTorch's own FLOP counter on a real forward and backward,
+and its card table gives the published dense peaks. Its training code runs on the CPU at a tiny shape in the
+acceptance script's test mode (tests/test_gpu_acceptance.py).
 """
 
 from __future__ import annotations
@@ -17,12 +15,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
+from benchmarks import _common as C
 from benchmarks import gpu
-from helpers import architectures as arch
-from helpers.paths import REPO_ROOT
-from helpers.tiny_model import build_tokenizer
+from helpers.profiles import REPO_ROOT
 
-MISTRAL_7B_PUBLISHED = 7_241_732_096  # Mistral-7B-v0.1's parameter count (GGUF general.parameter_count)
+MISTRAL_7B_PUBLISHED = 7_241_732_096  # Mistral-7B-v0.1's parameter count (its GGUF general.parameter_count)
 
 
 @pytest.mark.parametrize("command", ["step", "reference"])
@@ -38,9 +35,9 @@ def test_without_cuda_it_exits_2_with_a_clear_message_before_building_anything(c
 def test_the_7b_model_has_the_published_parameter_count():
     """OpenHermes-2.5 = Mistral-7B-v0.1's published 7,241,732,096 parameters + 2 new token rows in the embedding and
     in the untied head; the matmul weights the FLOPs formula counts + the embedding + the RMSNorms must add up to it."""
-    config = gpu.mistral_7b_config(build_tokenizer())
+    config = gpu.mistral_7b_config(C.bench_tokenizer())
     expected = MISTRAL_7B_PUBLISHED + 2 * 2 * 4096
-    assert arch.parameter_count(config) == expected  # counted on the meta device: no memory
+    assert sum(p.numel() for p in C.meta_model(config).parameters()) == expected  # meta device: no memory
     weights = gpu.matmul_parameters(config)
     norms = (2 * 32 + 1) * 4096  # two RMSNorms per layer and the final one
     assert weights["layers"] + weights["head"] + 32002 * 4096 + norms == expected
@@ -50,11 +47,10 @@ def test_the_7b_model_has_the_published_parameter_count():
 def _small_mistral():
     """A Mistral-shaped model small enough to count on a CPU, with eager attention: its QK^T and AV are matmuls that
     FlopCounterMode sees (PyTorch's CPU SDPA kernel is not in the counter's table; the GPU kernels are)."""
-    config = arch.mistral_config(vocab_size=1000, hidden_size=128, intermediate_size=448, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-                                 tie_word_embeddings=False)
+    config = C.mistral_config(vocab_size=1000, hidden_size=128, intermediate_size=448, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     model.requires_grad_(False)  # the frozen base of LoRA training
     model.train()
     return config, model
@@ -83,11 +79,10 @@ def _counted_step_flops(model, seq_len: int, reference_forward: bool) -> int:
 def test_model_flops_match_pytorchs_flop_counter(reference_forward):
     """The model FLOPs (what MFU divides by) against torch.utils.flop_counter on the real computation.
 
-    Covers every term of the formula: 2N per token for the linear layers and the head, attention's 4nLd forward and
-    8nLd backward, a frozen base's backward (activation gradients only), and the reference forward (or none, when
-    precomputed). Both sides count matmuls only, so they should agree to the FLOP; the tolerance of 0.1% is far
-    below the smallest term tested (attention, 5.7% of a forward at this shape), so a missing term cannot hide.
-    LoRA's own small matmuls are outside both (the formula leaves them out; this model has no adapter).
+    Every term of the formula is covered: 2N per token for the linear layers and the head, attention's 4nLd forward
+    and 8nLd backward, a frozen base's backward (activation gradients only), and the reference forward (or none, when
+    precomputed). Both count matmuls only, so they should agree to the FLOP; the tolerance of 0.1% is far below the
+    smallest term tested (attention, 5.7% of a forward at this shape), so a missing term cannot hide.
     """
     config, model = _small_mistral()
     seq_len = 64
