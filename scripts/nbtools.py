@@ -19,7 +19,9 @@ import os
 import re
 import sys
 import time
+import tomllib
 from pathlib import Path
+from string import Template
 
 import nbformat
 from nbclient import NotebookClient
@@ -30,20 +32,67 @@ from helpers.profiles import REPO_ROOT
 OFFLINE_ENV = {"COURSE_PROFILE": "tiny", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
 NOTEBOOK_ENV = {**OFFLINE_ENV, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-REPO_URL = "https://github.com/dpo-course/neuralhermes-dpo-course"
-NOTEBOOK_COLAB_URL = "https://colab.research.google.com/github/dpo-course/neuralhermes-dpo-course/blob/main/notebooks/{name}"
 COLAB_METADATA = {"colab": {"provenance": [], "gpuType": "T4"}, "accelerator": "GPU"}
 USE_DRIVE_LINE = "USE_DRIVE = True  # on Colab: keep run folders on Google Drive, so a later runtime finds them"
-INSTALL_CELL = f"""# Colab only: fetch the course, install its pinned libraries (Colab's torch is kept).
-# Safe to run again: what this runtime already has is skipped.
+COLAB_BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+BADGE_LINK = re.compile(re.escape(COLAB_BADGE) + r"\([^)]*\)")
+
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def course_repository(pyproject: Path = PYPROJECT) -> str:
+    """The course's GitHub repository, ``owner/name``: the one setting (pyproject.toml, ``[tool.course]
+    repository``) that the badges and the install cell's clone URL are written from; a fork changes only it."""
+    with pyproject.open("rb") as f:
+        return tomllib.load(f)["tool"]["course"]["repository"]
+
+
+REPOSITORY = course_repository()
+REPO_URL = f"https://github.com/{REPOSITORY}"
+NOTEBOOK_COLAB_URL = f"https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/{{name}}"
+# Cell 1 of every notebook. Plain Python, not `!` lines: a failing `!` command never stops the notebook.
+INSTALL_CELL = Template("""\
+# Colab only: fetch the course and install its pinned libraries (Colab's own torch is kept). Run it again and it
+# skips what is done; it stops with a message when a step fails or when the runtime must be restarted.
+import importlib.metadata
+import os
+import subprocess
 import sys
 
 if "google.colab" in sys.modules:
-    COURSE_URL = "{REPO_URL}"
-    COURSE_DIR = "/content/neuralhermes-dpo-course"
-    ![ -d {{COURSE_DIR}}/.git ] || git clone -q --depth 1 {{COURSE_URL}} {{COURSE_DIR}}
-    !bash {{COURSE_DIR}}/scripts/setup_env.sh
-    sys.path.insert(0, COURSE_DIR)"""
+    COURSE_URL = "$url"
+    COURSE_DIR = "/content/$folder"
+    # no prompt for a user name (a missing repository fails at once); pip runs in this kernel's own Python
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "PYTHON": sys.executable}
+
+    def run(*command: str) -> int:  # shows the command's output here, as it comes
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+            for line in p.stdout:
+                print(line, end="")
+        return p.returncode
+
+    if not os.path.isdir(f"{COURSE_DIR}/.git") and run("git", "clone", "-q", "--depth=1", COURSE_URL, COURSE_DIR):
+        raise RuntimeError(f"Could not clone {COURSE_URL}: check that it opens in a browser (a private or renamed "
+                           "repository cannot be cloned), fix COURSE_URL if needed, and run this cell again.")
+    if run("bash", f"{COURSE_DIR}/scripts/setup_env.sh"):
+        raise RuntimeError("Installing the course failed (its error is above). Run this cell again; if it fails "
+                           "again: Runtime -> Disconnect and delete runtime, then run the notebook from the top.")
+    # a library imported before this cell keeps its old version in memory until the session restarts
+    installed = {name: importlib.metadata.version(name) for name in
+                 ("transformers", "tokenizers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "pyarrow")}
+    stale = [f"{name} {sys.modules[name].__version__} (installed now: {version})"
+             for name, version in installed.items() if name in sys.modules and sys.modules[name].__version__ != version]
+    if stale:
+        raise RuntimeError(f"Imported before the install, at another version: {', '.join(stale)}. Runtime -> "
+                           "Restart session, then run the notebook from the top (this cell skips the install).")
+    if COURSE_DIR not in sys.path:
+        sys.path.insert(0, COURSE_DIR)""").substitute(url=REPO_URL, folder=REPOSITORY.split("/")[1])
+
+
+def colab_url(path: Path) -> str:
+    """The Colab link of a notebook in notebooks/ or solutions/ (its badge's target)."""
+    return NOTEBOOK_COLAB_URL.format(name=path.name).replace("/notebooks/", f"/{path.parent.name}/")
 
 
 def _collapse_progress(text: str) -> str:
@@ -85,10 +134,18 @@ def strip(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def stamp(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Write the shared cells: the install cell (cell 1), ``USE_DRIVE`` in the parameters cell, the start call that
-    passes it, and the metadata that opens a GPU runtime on Colab. Running it twice changes nothing more."""
+def stamp(nb: nbformat.NotebookNode, path: Path) -> nbformat.NotebookNode:
+    """Write the shared cells of the notebook at ``path``: its Colab badge (cell 0, pointing at the notebook
+    itself), the install cell (cell 1), ``USE_DRIVE`` in the parameters cell, the start call that passes it, and the
+    metadata that opens a GPU runtime on Colab. Running it twice changes nothing more."""
     nb.metadata.update(COLAB_METADATA)
+    badge = f"{COLAB_BADGE}({colab_url(path)})"
+    title = nb.cells[0].source
+    if BADGE_LINK.search(title):
+        nb.cells[0].source = BADGE_LINK.sub(lambda _match: badge, title)
+    else:  # under the title line
+        first, _, rest = title.partition("\n")
+        nb.cells[0].source = f"{first}\n\n{badge}\n{rest}"
     nb.cells[1].source = INSTALL_CELL
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):
@@ -228,8 +285,7 @@ def readme_block(name: str, costs: dict[str, dict[str, str]], titles: dict[str, 
         lines = ["| # | notebook | what you learn | CPU (tiny, measured) |", "| --- | --- | --- | --- |"]
         for nb, row in costs.items():
             title, learn = titles[nb]
-            badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-                     f"({NOTEBOOK_COLAB_URL.format(name=nb + '.ipynb')})")
+            badge = f"{COLAB_BADGE}({NOTEBOOK_COLAB_URL.format(name=nb + '.ipynb')})"
             lines.append(f"| {nb[:2]} | [{title}](notebooks/{nb}.ipynb) {badge} | {learn} | {row['cpu_seconds']} s |")
         return "\n".join(lines)
     lines = ["| notebook | free Colab T4 (`t4`) | one A100 (`full`) |", "| --- | --- | --- |"]
@@ -313,7 +369,7 @@ def main(argv: list[str]) -> int:
         if argv[0] == "execute":
             print(f"{path.name}: {execute(path):.1f} s")
         elif argv[0] == "stamp":
-            nbformat.write(strip(stamp(nbformat.read(path, as_version=4))), path)
+            nbformat.write(strip(stamp(nbformat.read(path, as_version=4), path)), path)
         else:
             nbformat.write(strip(nbformat.read(path, as_version=4)), path)
     return 0

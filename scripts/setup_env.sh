@@ -3,8 +3,10 @@
 #
 #   local machine: .venv/ in the repo root, torch==2.13.0 (CPU build when there is no CUDA GPU),
 #                  requirements.txt, and `pip install -e .` so that `import helpers` works anywhere.
-#   Colab:         the preinstalled Python and its CUDA torch are kept; requirements-colab.txt (the
-#                  same pins without local Jupyter/test tooling) and `pip install -e .` go into it.
+#   Colab:         the kernel's own Python (PYTHON=..., which the notebooks' install cell passes: its
+#                  sys.executable; else python3 from the PATH) and its CUDA torch are kept (torch 2.6 or newer:
+#                  transformers switches an older one off); requirements-colab.txt (the same pins without local
+#                  Jupyter/test tooling) and `pip install -e .` go into it.
 #
 # Nothing is registered globally (no user-wide Jupyter kernel, no system packages).
 # Optional: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for a small CPU torch wheel elsewhere.
@@ -18,9 +20,13 @@ started=$(date +%s)
 
 if [[ -d /content || -n "${COLAB_RELEASE_TAG:-}" ]]; then
   on_colab=1
-  PY="$(command -v python3 || command -v python)"
+  PY="${PYTHON:-$(command -v python3 || command -v python)}"
   MARKER="$ROOT/.cache/.course-installed"
-  say "Colab detected: using $PY and keeping its torch"
+  if ! "$PY" -c 'pass' 2>/dev/null; then
+    say "error: $PY does not run; pass the notebook's own Python: PYTHON=/path/to/python bash $0" >&2
+    exit 1
+  fi
+  say "Colab detected: installing into $PY ($("$PY" --version 2>&1)), keeping its torch"
 else
   on_colab=0
   VENV="$ROOT/.venv"
@@ -43,7 +49,7 @@ else
 fi
 
 # What the installed environment was made from; unchanged (and still importable) means nothing to do.
-want="$( { cat requirements.txt requirements-colab.txt pyproject.toml scripts/setup_env.sh; "$PY" --version 2>&1; echo "colab=$on_colab"; } \
+want="$( { cat requirements.txt requirements-colab.txt pyproject.toml scripts/setup_env.sh; "$PY" --version 2>&1; echo "colab=$on_colab $PY"; } \
   | sha256sum | cut -d' ' -f1)"
 installed_ok() {
   [[ -f "$MARKER" && "$(cat "$MARKER")" == "$want" ]] || return 1
@@ -74,6 +80,11 @@ torch_installed() {
 current="$(torch_installed)"
 if (( on_colab )); then
   [[ -n "$current" ]] || { say "error: Colab's torch is missing; restart the runtime" >&2; exit 1; }
+  # transformers 5.24 switches torch off below 2.6 (transformers.utils.import_utils.is_torch_available)
+  if ! "$PY" -c 'import sys; v = sys.argv[1].split("+")[0].split("."); sys.exit((int(v[0]), int(v[1])) < (2, 6))' "$current"; then
+    say "error: torch $current is too old for transformers 5.24 (it needs 2.6 or newer): Runtime -> Change runtime type -> pick the newest runtime version" >&2
+    exit 1
+  fi
   say "torch $current (Colab's own, kept)"
 elif [[ "${current%%+*}" == "$TORCH_VERSION" ]]; then
   say "torch $current already installed"
