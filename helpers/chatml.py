@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from helpers.profiles import DATA_DIR
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CONTROL_STRINGS = (IM_START, IM_END)
 _ESCAPE = "<\u2060|"  # an invisible word joiner inside "<|": the tokenizer no longer sees a control token
@@ -25,6 +27,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A small tokenizer made as Mistral's is (sentencepiece-style BPE, "▁" word starts, <s> first, OpenHermes' ChatML
+# tokens), trained on the course's own text: notebook 01 shows the tiny and t4 profiles what Mistral's tokenizer does.
+SENTENCEPIECE_TOKENIZER = DATA_DIR / "sentencepiece_tokenizer"
 
 
 class ChatMLInjectionError(ValueError):
@@ -114,14 +119,24 @@ def format_dataset(dataset, tokenizer, *, on_control: str = "error", split: str 
     return dataset.map(_map, with_indices=True, remove_columns=drop, desc=f"ChatML-formatting {split}")
 
 
+def adds_word_start(tokenizer) -> bool:
+    """True for a sentencepiece-style tokenizer (Mistral's, Llama 2's): it marks the first word of a string tokenised
+    alone as a word start (``▁Here``), so ``enc(prompt + answer)`` is not ``enc(prompt) + enc(answer)``. Byte-level
+    BPE tokenizers (GPT-2's, Qwen's, the tiny model's) do not."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer("Here", add_special_tokens=False)["input_ids"])[0]
+    return first.startswith("\u2581")
+
+
 def tokenize_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """``(prompt_ids, answer_ids)`` exactly as TRL 1.16's ``DPOTrainer`` tokenises a pair in the standard form.
 
-    TRL tokenises the prompt, and prompt + answer, *together* (the tokenizer's own special tokens included: a
-    sentencepiece tokenizer such as Mistral's puts ``<s>`` first), and the answer starts where the two diverge.
-    Tokenising the answer alone would give other tokens: a sentencepiece tokenizer adds a word-start ``▁`` to a
-    string's first word, so ``enc(prompt + answer)`` is not ``enc(prompt) + enc(answer)``. The course scores and
-    generates with these same ids (helpers.scoring), so what it measures is what TRL trained.
+    TRL tokenises the prompt, and prompt + answer, *together* (``tokenizer(text)``: the tokenizer's own special tokens
+    included, so a sentencepiece tokenizer such as Mistral's puts ``<s>`` first), and the answer starts where the two
+    diverge. Tokenising the answer alone would give other tokens: a sentencepiece tokenizer adds a word-start ``▁`` to
+    a string's first word (:func:`adds_word_start`). TRL splits both answers of a pair at the shorter of their two
+    common prefixes; after a ChatML prompt, which ends in a newline, each is the whole prompt (tests/test_chatml.py
+    checks the course's pairs). The course scores and generates with these ids (helpers.scoring), so what it
+    measures is what TRL trained.
     """
     prompt_ids = tokenizer(prompt)["input_ids"]
     full_ids = tokenizer(prompt + answer)["input_ids"]

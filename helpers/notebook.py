@@ -22,6 +22,7 @@ from typing import Any
 from helpers.profiles import Profile, describe, get_profile
 
 SEED = 42
+DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
 
 
@@ -34,10 +35,11 @@ def use_drive(folder: str = "MyDrive/dpo-course") -> Path:
     """On Colab: mount Google Drive and send every run's outputs to ``/content/drive/<folder>/outputs``."""
     from google.colab import drive  # type: ignore[import-not-found]  # exists on Colab only
 
-    mount = Path("/content/drive")
-    if not (mount / "MyDrive").is_dir():
-        drive.mount(str(mount))
-    target = mount / folder / "outputs"
+    if Path(folder).is_absolute() or ".." in Path(folder).parts:
+        raise ValueError(f"folder must be a path inside your Drive such as 'MyDrive/dpo-course', not {folder!r}")
+    if not (DRIVE / "MyDrive").is_dir():
+        drive.mount(str(DRIVE))
+    target = DRIVE / folder / "outputs"
     target.mkdir(parents=True, exist_ok=True)
     os.environ["COURSE_OUTPUT_DIR"] = str(target)
     found = sorted(p.name for p in (target / "runs").glob("*") if p.is_dir())
@@ -50,8 +52,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: text bars are fine
     for name in ("transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Imported here, not at the top: only after start() has (in the tests) pointed the hub cache at the stand-ins.
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -78,7 +82,7 @@ def start(profile_name: str | None = None, *, use_drive_on_colab: bool = True, s
     if use_drive_on_colab and on_colab():
         use_drive()
     quiet_libraries()
-    import torch
+    import torch  # here, not at the top: after the stand-ins' switch above and with the libraries' logs quieted
     from transformers import set_seed
 
     profile = profile or get_profile(profile_name)
@@ -108,6 +112,9 @@ def check(name: str, answer: Any, expected: Any, *, tol: float = 0.0, hint: str 
     if answer is None:
         raise AssertionError(f"{name}: not answered yet - replace the None with your answer. {hint}".strip())
     number = isinstance(expected, int | float) and isinstance(answer, int | float) and not isinstance(answer, bool)
+    if isinstance(answer, bool) != isinstance(expected, bool):  # True == 1.0 in Python: not an answer to "how many"
+        kind = type(expected).__name__
+        raise AssertionError(f"{name}: {answer!r} is not right (a {kind} is expected). {hint}".strip())
     if answer == expected:
         print(f"{name}: exact ✓")
     elif number and math.isclose(answer, expected, rel_tol=tol, abs_tol=tol):

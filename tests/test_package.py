@@ -101,8 +101,10 @@ def test_imports_stand_at_the_top_or_say_why_not():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 for inner in ast.walk(node):
                     if isinstance(inner, ast.Import | ast.ImportFrom):
-                        here, above = lines[inner.lineno - 1], lines[inner.lineno - 2]
-                        assert "#" in here or above.strip().startswith("#"), (
+                        at = inner.lineno - 1  # a comment on the line, or above its block of imports
+                        while at > 0 and lines[at - 1].strip().startswith(("import ", "from ")) and "#" not in lines[at]:
+                            at -= 1
+                        assert "#" in lines[at] or lines[at - 1].strip().startswith("#"), (
                             f"helpers/{name}.py:{inner.lineno} imports inside {node.name}() without a comment why")
 
 
