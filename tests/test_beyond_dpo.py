@@ -1,326 +1,311 @@
-"""helpers.beyond_dpo (notebook 08): the loss variants, their configs, a real step of each, evaluation and plots."""
+"""helpers.beyond_dpo (notebook 08): the plan, a variant's settings, the shared reference pass, the losses TRL
+computes from them, and the evaluation of a trained model - each against TRL itself or an independent reference."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from helpers import beyond_dpo as V
 
-PAIRS = 8  # training pairs of the smoke runs (one optimizer step takes 16: the loader cycles)
+PAIRS = 8
 HELDOUT = 4
+TOLERANCE = 1e-5  # fp32 on a CPU: two routes to the same log-prob sums differ by float rounding
 
 
-def test_every_dpo_variant_is_a_loss_trl_knows(profile):
-    from helpers.training import dpo_config
-
-    known = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-             "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
-    for name, variant in V.VARIANTS.items():
-        if variant.reference_free:
-            assert variant.loss_type == ()
-            continue
-        assert set(variant.loss_type) <= known, name
-        config = dpo_config(V.variant_profile(profile, variant), "unused", **variant.overrides)
-        assert config.loss_type == list(variant.loss_type)
-        assert config.loss_weights is None, "weights of the profile's (sigmoid, sft) must not leak into a variant"
-        assert config.beta == profile.dpo.beta
-    assert set(V.DEFAULT_VARIANTS) == set(V.VARIANTS)
-    assert {"sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", V.ORPO} <= set(V.VARIANTS)
-
-
-def test_robust_needs_label_smoothing_in_range(profile):
-    from helpers.training import dpo_config
-
-    smoothing = V.VARIANTS["robust"].overrides["label_smoothing"]
-    assert 0.0 < smoothing < 0.5, "robust with label_smoothing=0 is plain sigmoid; TRL wants it below 0.5"
-    assert dpo_config(V.variant_profile(profile, "robust"), "unused", label_smoothing=smoothing).label_smoothing == 0.1
-
-
-def test_variant_profile_changes_only_the_loss(profile):
-    changed = V.variant_profile(profile, "ipo", beta=0.5)
-    assert changed.dpo.loss_type == ("ipo",) and changed.dpo.loss_weights is None and changed.dpo.beta == 0.5
-    for section in ("model", "data", "quantization", "lora", "training"):
-        assert getattr(changed, section) == getattr(profile, section)
-    assert changed.dpo.precompute_ref_log_probs, "every DPO-family run reads precomputed reference log-probs"
-    assert dataclasses.replace(changed.dpo, loss_type=profile.dpo.loss_type, loss_weights=profile.dpo.loss_weights,
-                               beta=profile.dpo.beta, precompute_ref_log_probs=profile.dpo.precompute_ref_log_probs
-                               ) == profile.dpo
-    assert V.variant_profile(profile, "orpo").dpo.loss_type == profile.dpo.loss_type  # ORPO ignores it
-
-
-def test_variant_run_ids_are_valid_folder_names():
-    from helpers.paths import run_dir
-
-    assert V.variant_run_id("main", "sigmoid+sft") == "main-08-sigmoid-sft"
-    assert V.variant_run_id("main", "sigmoid-beta0.01") == "main-08-sigmoid-beta0.01"
-    assert V.variant_run_id("main", "sigmoid β=0.5") == "main-08-sigmoid---0.5"
-    for name in V.VARIANTS:
-        run_dir("tiny", V.variant_run_id("main", name))  # raises on a bad run id
-    # notebook 06 trains plain sigmoid DPO of other settings into <run_id>-sigmoid: the comparison never writes there
-    assert V.variant_run_id("main", "sigmoid") != "main-sigmoid"
-
-
-def test_every_profile_has_a_plan_that_fits_its_slot():
-    from helpers.profiles import PROFILES
-
-    assert set(V.PLANS) == set(PROFILES)
-    tiny, t4 = V.PLANS["tiny"], V.PLANS["t4"]
-    assert set(tiny.variants) == set(V.VARIANTS), "on CPU the notebook compares every loss"
-    assert tiny.sweep_betas == (0.01, 0.5) and "measured" in tiny.cost
-    for name, plan in V.PLANS.items():
-        assert set(plan.variants) <= set(V.VARIANTS) and "sigmoid" in plan.variants, name
-        assert plan.answers >= 32 and plan.reference_batch_size >= 1, name
-    # a T4 gets fewer runs: three losses (one reference-free) and one extra β, with the same short runs
-    runs = lambda plan: len(plan.variants) + len(plan.sweep_betas)  # noqa: E731
-    assert runs(t4) < runs(tiny) and V.ORPO in t4.variants and t4.steps <= tiny.steps
-    for name in ("t4", "full"):
-        assert "estimated" in V.PLANS[name].cost, "GPU times cannot be measured here: they must say so"
-
-
-def test_plan_for_uses_the_profile_default_unless_told(profile):
-    from helpers.profiles import get_profile
-
-    assert V.plan_for(profile) == V.PLANS["tiny"]
-    assert V.plan_for(get_profile("t4", check_hardware=False)) == V.PLANS["t4"]
-    plan = V.plan_for(profile, steps=5, variants=["sigmoid", "orpo"], sweep_betas=[0.5])
-    assert (plan.steps, plan.variants, plan.sweep_betas) == (5, ("sigmoid", "orpo"), (0.5,))
-    assert plan.answers == V.PLANS["tiny"].answers, "a knob left at None keeps the profile's value"
+def test_the_plan_is_the_profiles_unless_a_knob_says_otherwise(profile):
+    assert V.plan_for(profile) == profile.beyond
+    plan = V.plan_for(profile, steps=5, variants=["sigmoid", "orpo"], betas=[0.5], answers=3)
+    assert (plan["steps"], plan["variants"], plan["betas"], plan["answers"]) == (5, ["sigmoid", "orpo"], [0.5], 3)
+    assert plan["training"] == profile.beyond["training"], "a knob left at None keeps the profile's value"
     with pytest.raises(ValueError, match="unknown variants"):
         V.plan_for(profile, variants=["dpo"])
     with pytest.raises(ValueError, match="β sweep"):
         V.plan_for(profile, variants=["ipo"])
-    assert V.plan_for(profile, variants=["ipo"], sweep_betas=()).sweep_betas == ()
+    assert V.plan_for(profile, variants=["ipo"], betas=[])["betas"] == []
+    with pytest.raises(ValueError, match="at least 1"):
+        V.plan_for(profile, steps=0)
 
 
-def test_the_short_runs_profile(profile):
-    plan = V.PLANS["tiny"]
-    short = plan.run_profile(profile)
-    t = short.training
-    assert t.max_steps == plan.steps and t.gradient_accumulation_steps == 1
-    assert t.lr_scheduler_type == "constant_with_warmup" and t.learning_rate == profile.training.learning_rate
-    assert plan.pairs_per_run(profile) == plan.steps * t.per_device_train_batch_size
-    assert short.dpo == profile.dpo and short.lora == profile.lora and short.model == profile.model
+def test_the_run_profile_changes_only_the_schedule_and_the_reference_pass(profile):
+    plan = V.plan_for(profile)
+    run = V.run_profile(profile, plan)
+    changed = {k for k in run.dpo if run.dpo[k] != profile.dpo.get(k)}
+    assert changed <= {"max_steps", "save_strategy", "precompute_ref_log_probs", "precompute_ref_batch_size",
+                       *plan["training"]}
+    assert run.dpo["max_steps"] == plan["steps"] and run.dpo["precompute_ref_log_probs"] is True
+    assert run.dpo["precompute_ref_batch_size"] == plan["reference_batch_size"]
+    assert (run.lora, run.bnb, run.model_id) == (profile.lora, profile.bnb, profile.model_id)
 
 
-def test_orpo_config_keeps_the_profile_and_drops_dpo_fields(profile, tmp_path):
-    config = V.orpo_config(profile, tmp_path, max_steps=3)
-    t = profile.training
-    assert (config.learning_rate, config.per_device_train_batch_size, config.gradient_accumulation_steps) == (
-        t.learning_rate, t.per_device_train_batch_size, t.gradient_accumulation_steps)
-    assert config.max_steps == 3 and config.beta == profile.dpo.beta and config.max_length == profile.dpo.max_length
-    assert not config.bf16 and not config.fp16, "fp32 on CPU, as the DPO runs"
-    assert not hasattr(config, "loss_type")
-    assert config.remove_unused_columns is False
+@pytest.mark.parametrize("name", list(V.LOSSES))
+def test_a_variants_profile_changes_only_the_loss(profile, name, tmp_path):
+    from trl import DPOConfig
+
+    run = V.run_profile(profile, V.plan_for(profile))
+    variant = V.variant_profile(run, name, beta=0.5)
+    changed = {k for k in {*run.dpo, *variant.dpo} if run.dpo.get(k, "unset") != variant.dpo.get(k, "unset")}
+    assert changed <= set(V.LOSS_SETTINGS), f"{name} changes more than its loss: {changed - set(V.LOSS_SETTINGS)}"
+    for section in ("bnb", "lora", "lm_eval", "beyond", "model_id", "dataset", "max_prompt_length"):
+        assert getattr(variant, section) == getattr(run, section), section
+    args = DPOConfig(output_dir=str(tmp_path), **variant.dpo)
+    assert args.loss_type == V.LOSSES[name]["loss_type"] and args.beta == 0.5
+    assert args.loss_weights is None, "the tiny profile's weights for (sigmoid, sft) must not leak into a variant"
+    assert args.label_smoothing == V.LOSSES[name].get("label_smoothing", 0.0)
+    assert 0.0 <= args.label_smoothing < 0.5, "TRL's robust loss takes label_smoothing in [0, 0.5)"
 
 
-def test_results_table_and_curves(tmp_path):
-    rows = {
-        "base": {"accuracy_per_token": 0.6, "margin": 0.0, "chosen_logp_change": 0.0, "well_formed": 1.0,
-                 "follows_rule": 0.5},
-        "ipo": {"accuracy_per_token": 0.81234, "margin": 1.5, "chosen_logp_change": -3.0, "well_formed": 0.9,
-                "follows_rule": 0.25, "seconds_per_step": 0.4},
-    }
-    table = V.results_table(rows)
-    assert list(table.index) == ["base", "ipo"]
-    assert list(table.columns) == list(V.TABLE_COLUMNS.values())
-    assert table.loc["ipo", "held-out acc. (per token)"] == 0.812
-    assert V.results_table({"x": {"accuracy_per_token": 138 / 160}}).iloc[0, 0] == float(f"{138 / 160:.3f}") == 0.863
-    assert math.isnan(table.loc["base", "s / step"])
-
-    history = [{"step": 5, "loss": 25.0, "rewards/margins": 0.1, "logps/chosen": -10.0},
-               {"step": 10, "loss": 5.0, "rewards/margins": 1.0, "logps/chosen": -9.0},
-               {"step": 10, "train_loss": 1.0}]
-    assert V.curve(history, "loss", relative=True) == ([5, 10], [1.0, 0.2])
-    assert V.curve(history, "rewards/margins") == ([5, 10], [0.1, 1.0])
-    path = tmp_path / "plots" / "curves.png"
-    fig = V.plot_variant_curves({"ipo": history, "orpo": history}, path)
-    assert path.stat().st_size > 1000 and len(fig.axes) == len(V.CURVE_PANELS)
-
-    saved = V.save_results(rows, {"ipo": history}, tmp_path / "results.json")
-    assert V.load_results(saved) == (rows, {"ipo": history})
+# --- the shared reference pass, against TRL's own --------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def small_data(profile, tiny_model_path):
-    from helpers.data import PreparedData, prepare_data
-    from helpers.loading import load_tokenizer
+def setup(profile, tokenizer, tmp_path_factory):
+    """The comparison's run profile (no warm-up), a few train pairs, and TRL's own reference pass over them."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
 
-    tokenizer = load_tokenizer(profile, str(tiny_model_path))
+    from helpers.data import pairs_only, prepare_data
+    from helpers.notebook import quiet_libraries
+
+    quiet_libraries()
+    run = V.run_profile(profile, V.plan_for(profile)).with_changes("dpo", warmup_steps=0, logging_steps=1)
     data = prepare_data(profile, tokenizer)
-    small = PreparedData(data.train.select(range(PAIRS)), data.heldout.select(range(HELDOUT)),
-                         data.heldout_rows[:HELDOUT], data.length_report)
-    return tokenizer, small
+    pairs = pairs_only(data.train.select(range(PAIRS)))
+    base = AutoModelForCausalLM.from_pretrained(profile.model_id, dtype="float32")
+    own = DPOTrainer(model=base, ref_model=None, args=DPOConfig(output_dir=str(tmp_path_factory.mktemp("own")),
+                                                                **run.dpo),
+                     train_dataset=pairs, processing_class=tokenizer, peft_config=LoraConfig(**profile.lora))
+    return run, data, pairs, own.train_dataset, tmp_path_factory.mktemp("runs")
 
 
-@pytest.fixture(scope="module")
-def base_scores(profile, small_data, tiny_model_path):
-    from helpers.evaluation import score_pairs
-    from helpers.loading import load_model
+def build(run, dataset, tokenizer, folder, trainer_class=V.SharedReferenceDPOTrainer, **changes):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
 
-    tokenizer, data = small_data
-    base = load_model(profile, source=str(tiny_model_path))
-    return base, score_pairs(base, tokenizer, data.heldout)
-
-
-def test_a_variants_row_against_the_textbook_log_likelihoods(profile, small_data, base_scores, other_model_path,
-                                                             naive_answer_logprob):
-    """evaluate_variant on another model (the tiny one with a random LoRA update merged in), with the base as the
-    reference: its margin, chosen-likelihood change and accuracy equal what one-sequence-at-a-time log-softmax
-    log-likelihoods (an independent implementation) give on the same pairs."""
-    from helpers.loading import load_model
-
-    tokenizer, data = small_data
-    base, scores = base_scores
-    other = load_model(profile, source=str(other_model_path))
-    row = V.evaluate_variant(other, tokenizer, data, scores, profile.dpo.beta, max_new_tokens=8)
-    pairs = list(data.heldout)
-    ref = {(i, side): naive_answer_logprob(base, tokenizer, p["prompt"], p[side])
-           for i, p in enumerate(pairs) for side in ("chosen", "rejected")}
-    pol = {(i, side): naive_answer_logprob(other, tokenizer, p["prompt"], p[side])
-           for i, p in enumerate(pairs) for side in ("chosen", "rejected")}
-    margins = [profile.dpo.beta * ((pol[i, "chosen"] - ref[i, "chosen"]) - (pol[i, "rejected"] - ref[i, "rejected"]))
-               for i in range(len(pairs))]
-    assert row["margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
-    assert row["margin"] != 0.0, "another model: the margin must not vanish"
-    chosen_change = [pol[i, "chosen"] - ref[i, "chosen"] for i in range(len(pairs))]
-    assert row["chosen_logp_change"] == pytest.approx(sum(chosen_change) / len(chosen_change), abs=1e-3)
-    tokens = {(i, side): len(tokenizer(p[side], add_special_tokens=False)["input_ids"])
-              for i, p in enumerate(pairs) for side in ("chosen", "rejected")}
-    wins = [pol[i, "chosen"] / tokens[i, "chosen"] > pol[i, "rejected"] / tokens[i, "rejected"]
-            for i in range(len(pairs))]
-    assert row["accuracy_per_token"] == pytest.approx(sum(wins) / len(wins))
-    assert row["answers"] == HELDOUT, "answers=None: every held-out prompt is answered"
-    assert isinstance(row["sample"], str)
+    return trainer_class(model=AutoModelForCausalLM.from_pretrained(run.model_id, dtype="float32"), ref_model=None,
+                         args=DPOConfig(output_dir=str(folder), **{**run.dpo, **changes}), train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=LoraConfig(**run.lora))
 
 
-@pytest.fixture(scope="module")
-def short_profile(profile):
-    """The comparison's short-run profile (4 pairs a step, constant learning rate), without warm-up."""
-    return V.PLANS["tiny"].run_profile(profile).replace("training", warmup_steps=0, logging_steps=1)
-
-
-@pytest.fixture(scope="module")
-def reference(short_profile, small_data):
-    _, data = small_data
-    return V.shared_reference(short_profile, data.train)
-
-
-def test_shared_reference_is_the_base_model_on_the_train_pairs(short_profile, small_data, base_scores, reference):
-    import torch
-
-    from helpers.evaluation import score_pairs
-
-    tokenizer, data = small_data
-    base, _ = base_scores
-    assert len(reference) == len(data.train)
-    assert set(V.REFERENCE_COLUMNS) <= set(reference.column_names)
-    scores = score_pairs(base, tokenizer, data.train)  # another code path: plain logits, no fused LM head
-    for column, mine in (("ref_chosen_logps", scores.chosen_sum), ("ref_rejected_logps", scores.rejected_sum)):
-        assert torch.allclose(torch.tensor(reference[column]), mine.float(), rtol=1e-4, atol=1e-4), column
-
-
-def test_plain_trl_would_score_the_pairs_again(short_profile, small_data, reference, tmp_path, monkeypatch):
-    """Why SharedReferenceDPOTrainer exists: TRL 1.16 recomputes the reference and trips over the columns."""
+def counting_reference_passes(monkeypatch) -> list[int]:
     import trl.trainer.dpo_trainer as dpo_module
+
+    passes: list[int] = []
+    original = dpo_module.DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(dpo_module.DPOTrainer, "compute_ref_log_probs",
+                        lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
+    return passes
+
+
+def test_plain_trl_would_score_the_pairs_again_and_trip(setup, tokenizer, monkeypatch):
+    """Why SharedReferenceDPOTrainer exists: TRL 1.16 runs its pass whatever the train set holds, then fails on the
+    columns it adds a second time. When a TRL release stops doing so, this test fails: drop the subclass then."""
     from trl import DPOTrainer
 
-    from helpers.loading import load_model
-    from helpers.lora import lora_config
-    from helpers.training import dpo_config
-
-    tokenizer, _ = small_data
-    passes = []
-    original = dpo_module.DPOTrainer.compute_ref_log_probs
-    monkeypatch.setattr(dpo_module.DPOTrainer, "compute_ref_log_probs",
-                        lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
-    args = dpo_config(V.variant_profile(short_profile, "sigmoid"), tmp_path)
+    run, _, _, reference, folder = setup
+    passes = counting_reference_passes(monkeypatch)
     with pytest.raises(ValueError, match="duplicated"):
-        DPOTrainer(model=load_model(short_profile), args=args, train_dataset=reference, processing_class=tokenizer,
-                   peft_config=lora_config(short_profile))
-    assert passes, "TRL ran its reference pass although the columns were there"
-    passes.clear()
-    trainer = V.SharedReferenceDPOTrainer(model=load_model(short_profile), args=args, train_dataset=reference,
-                                          processing_class=tokenizer, peft_config=lora_config(short_profile))
+        build(run, reference, tokenizer, folder, trainer_class=DPOTrainer)
+    assert passes, "TRL ran no reference pass although precompute_ref_log_probs=True"
+
+
+def test_the_shared_trainer_reads_trls_own_reference_and_scores_nothing(setup, tokenizer, monkeypatch):
+    run, _, pairs, reference, folder = setup
+    passes = counting_reference_passes(monkeypatch)
+    shared = build(run, reference, tokenizer, folder)
     assert not passes, "the shared trainer must not score the pairs again"
-    assert trainer.train_dataset["ref_chosen_logps"] == reference["ref_chosen_logps"]
+    batch = shared.data_collator([shared.train_dataset[i] for i in range(PAIRS)])
+    again = build(run, pairs, tokenizer, folder)  # no columns: TRL's own pass, in this trainer
+    assert passes, "without the columns the shared trainer is TRL's trainer and runs its pass"
+    own = again.data_collator([again.train_dataset[i] for i in range(PAIRS)])
+    for column in V.REFERENCE_COLUMNS:
+        assert torch.allclose(batch[column], own[column], rtol=TOLERANCE, atol=TOLERANCE), column
 
 
-@pytest.mark.parametrize("name", ["ipo", "robust"])
-def test_shared_reference_logs_exactly_what_its_own_precompute_logs(name, short_profile, small_data, reference,
-                                                                    tmp_path, monkeypatch):
-    """A variant trained on the shared columns logs the very losses it logs when TRL precomputes for it alone."""
-    import trl.trainer.dpo_trainer as dpo_module
-
-    _, data = small_data
-    own = V.train_variant(short_profile, name, tmp_path / "own", data=data, max_steps=3, progress=False)
-    passes = []
-    original = dpo_module.DPOTrainer.compute_ref_log_probs
-    monkeypatch.setattr(dpo_module.DPOTrainer, "compute_ref_log_probs",
-                        lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
-    shared = V.train_variant(short_profile, name, tmp_path / "shared", data=data, max_steps=3, progress=False,
-                             reference=reference)
-    assert not passes, "no reference pass may run in a run given the shared reference"
-    assert type(shared.trainer) is V.SharedReferenceDPOTrainer and type(own.trainer).__name__ == "DPOTrainer"
-    assert own.trainer.precompute_ref_logps and shared.trainer.precompute_ref_logps
-    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
-    assert len(own.history) == len(shared.history) == 3
-    for mine, theirs in zip(shared.history, own.history):
-        assert {k: mine[k] for k in keys} == {k: theirs[k] for k in keys}, "bit for bit, not approximately"
+def test_a_short_run_on_the_shared_reference_logs_what_trl_logs_with_its_reference_at_every_step(
+        setup, tokenizer):
+    """Two steps of robust DPO on the shared columns, and the same two steps with TRL running the reference (the
+    adapter off) at each step: the same losses and rewards, within float rounding."""
+    run, _, pairs, reference, folder = setup
+    robust = V.variant_profile(run, "robust").with_changes("dpo", max_steps=2)
+    shared = build(robust, reference, tokenizer, folder / "shared")
+    per_step = build(robust, pairs, tokenizer, folder / "per-step", precompute_ref_log_probs=False)
+    histories = []
+    for trainer in (shared, per_step):
+        trainer.train()
+        histories.append([row for row in trainer.state.log_history if "loss" in row])
+    assert len(histories[0]) == len(histories[1]) == 2
+    for mine, theirs in zip(*histories):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), key
 
 
-def test_train_on_reference_refuses_a_train_set_without_the_columns(short_profile, small_data, tmp_path):
-    _, data = small_data
-    with pytest.raises(ValueError, match="shared_reference"):
-        V.train_on_reference(V.variant_profile(short_profile, "ipo"), tmp_path, data.train, progress=False)
+def per_pair_logps(model, batch) -> torch.Tensor:
+    """The policy's answer log-probs of a TRL batch, plain logits in float64 ([2B])."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return token * batch["completion_mask"][:, 1:]
 
 
-@pytest.mark.parametrize("name", ["robust", V.ORPO])
-def test_one_real_step(name, short_profile, small_data, base_scores, reference, tmp_path):
-    """A real optimizer step of robust DPO (with its label_smoothing) and of ORPO, saved and evaluated."""
-    tokenizer, data = small_data
-    _, scores = base_scores
-    outcome = V.train_variant(short_profile, name, tmp_path / name, data=data, max_steps=1, progress=False,
-                              reference=reference)
-    assert outcome.steps == outcome.trainer.state.global_step == 1
-    assert (outcome.adapter_dir / "adapter_model.safetensors").exists()
-    assert not (tmp_path / name / "checkpoints").exists() or not any((tmp_path / name / "checkpoints").iterdir())
-    history = outcome.history
-    assert history and math.isfinite(history[0]["loss"]) and "rewards/margins" in history[0]
-    if name == "robust":
-        assert outcome.trainer.label_smoothing == 0.1 and outcome.trainer.loss_types == ["robust"]
-        assert outcome.trainer.ref_model is None, "the reference is the adapter switched off"
-    else:
-        assert type(outcome.trainer).__name__ == "ORPOTrainer"
-    assert V.seconds_per_step(outcome) > 0
-    row = V.evaluate_variant(outcome.model, tokenizer, data, scores, short_profile.dpo.beta, answers=2,
-                             max_new_tokens=8)
-    assert row["answers"] == 2
-    assert row["margin"] != 0.0, "after a step at lr 2e-3 the adapter should move the held-out log-probs"
+@pytest.mark.parametrize("name", list(V.LOSSES))
+def test_each_variant_trains_the_formula_of_the_notebooks_table(setup, tokenizer, name):
+    """The loss TRL computes for a variant's settings on the shared reference, against the table's formula written
+    here with the reference log-probs of the columns and the policy's own (a random adapter)."""
+    from helpers.dpo_from_scratch import trl_batch_metrics
+
+    run, _, _, reference, folder = setup
+    trainer = build(V.variant_profile(run, name), reference, tokenizer, folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param_name, parameter in trainer.model.named_parameters():
+            if "lora_B" in param_name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)])
+    tokens = per_pair_logps(trainer.model.eval(), batch)
+    policy_c, policy_r = tokens.sum(-1).chunk(2)
+    ref_c, ref_r = batch["ref_chosen_logps"].double(), batch["ref_rejected_logps"].double()
+    length_c, length_r = batch["completion_mask"].sum(1).double().chunk(2)
+    beta, eps = run.dpo["beta"], V.LOSSES["robust"]["label_smoothing"]
+    delta = (policy_c - ref_c) - (policy_r - ref_r)
+    per_token = (policy_c - ref_c) / length_c - (policy_r - ref_r) / length_r
+    nll = -tokens[:PAIRS].sum() / batch["completion_mask"][:PAIRS, 1:].sum()
+    formula = {
+        "sigmoid": -F.logsigmoid(beta * delta),
+        "sigmoid+sft": -F.logsigmoid(beta * delta) + nll,
+        "ipo": (per_token - 1 / (2 * beta)) ** 2,
+        "hinge": torch.relu(1 - beta * delta),
+        "robust": (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps),
+        "sigmoid_norm": -F.logsigmoid(beta * per_token),
+    }[name].mean().item()
+    assert trl_batch_metrics(trainer, batch)["loss"] == pytest.approx(formula, rel=1e-4, abs=1e-5)
 
 
-def test_comparison_runs_a_variant(short_profile, small_data, base_scores, reference, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("COURSE_OUTPUT_DIR", str(tmp_path))
-    tokenizer, data = small_data
-    _, scores = base_scores
-    comparison = V.Comparison(short_profile, data, tokenizer, scores, run_id="t", steps=1, reference=reference,
-                              answers=2)
-    comparison.run("hinge", beta=0.5, label="hinge-beta0.5", progress=False)
-    row = comparison.rows["hinge-beta0.5"]
-    assert row["beta"] == 0.5 and row["steps"] == 1 and row["answers"] == 2
-    assert math.isclose(row["margin_nats"] * 0.5, row["margin"], rel_tol=1e-9)
-    assert (tmp_path / "runs" / "tiny-t-08-hinge-beta0.5" / "adapter").is_dir()
-    assert "hinge-beta0.5: held-out accuracy" in capsys.readouterr().out
-    rows, histories = V.load_results(comparison.save(tmp_path / "r.json"))
-    assert set(rows) == set(histories) == {"hinge-beta0.5"}
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    """The OpenHermes stand-in (sentencepiece-style tokenizer, ``<s>`` first; random weights), course pairs formatted
+    for it, and TRL's reference pass over them."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from helpers.chatml import format_orca_row
+    from helpers.data import load_pairs
+    from helpers.models import load_tokenizer
+    from helpers.profiles import DATA_DIR, get_profile
+    from standins import OPENHERMES_ID
+    from standins.build import build_standins, snapshot_dir
+
+    folder = snapshot_dir(build_standins(), OPENHERMES_ID)
+    tokenizer = load_tokenizer(str(folder))
+    rows = load_pairs(DATA_DIR / "train.jsonl").select(range(PAIRS))
+    pairs = rows.map(lambda row: format_orca_row(row, tokenizer), remove_columns=rows.column_names)
+    settings = get_profile("tiny").with_changes("dpo", precompute_ref_log_probs=True, loss_type=["sigmoid"],
+                                                loss_weights=None)
+    trainer = V.SharedReferenceDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder, dtype="float32"), ref_model=None,
+        args=DPOConfig(output_dir=str(tmp_path_factory.mktemp("sp")), **settings.dpo), train_dataset=pairs,
+        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    return tokenizer, trainer
 
 
-def test_comparison_data_keeps_the_pairs_one_run_draws(profile, small_data):
-    _, data = small_data
-    plan = V.plan_for(profile, steps=1)  # 1 step x 4 pairs
-    cut = V.comparison_data(profile, data, plan)
-    assert len(cut.train) == 4 and cut.train["prompt"] == data.train["prompt"][:4]
-    assert cut.heldout is data.heldout
-    assert len(V.comparison_data(profile, data, V.plan_for(profile, steps=100)).train) == len(data.train)
+def test_scoring_splits_a_pair_where_trl_does(sentencepiece):
+    """TRL cuts both answers of a pair at the shorter of their two common prefixes with the prompt; where the
+    stand-in's BPE merges the prompt's final newline into an answer ("\\nI"), both answers then start one token
+    early. helpers.chatml.tokenize_pair, given both answers, must cut exactly where TRL's own preprocessing did."""
+    from helpers.chatml import tokenize_pair
+
+    tokenizer, trainer = sentencepiece
+    merged = 0
+    for row in trainer.train_dataset:
+        prompt, chosen, rejected = tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"])
+        assert (prompt, chosen, rejected) == (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+        merged += len(tokenize_pair(tokenizer, row["prompt"], row["chosen"])[0]) != len(prompt)
+    assert merged, "the stand-in's pairs should show the merged case ('\\nI' is one of its tokens)"
+
+
+def test_the_reference_is_the_base_model_on_a_sentencepiece_tokenizer_with_bos(sentencepiece):
+    """Notebook 08's self-check on the recipe's own kind of tokenizer: TRL's shared reference log-probs equal
+    helpers.scoring's, because both tokenise with the BOS. Scored without it, as the course once scored, they
+    differ far beyond float rounding: this test would have caught that."""
+    from helpers.scoring import score_pairs
+
+    tokenizer, trainer = sentencepiece
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id, "the stand-in must put <s> first"
+    reference = trainer.train_dataset
+    with trainer.model.disable_adapter():
+        scores = score_pairs(trainer.model, tokenizer, reference)
+        without_bos = []
+        for row in reference:
+            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            ids = tokenizer(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = trainer.model(input_ids=torch.tensor([ids])).logits[0].double()
+            log_probs = torch.log_softmax(logits, -1)
+            without_bos.append(sum(log_probs[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))))
+    trl_chosen = torch.tensor(reference["ref_chosen_logps"], dtype=torch.float64)
+    assert torch.allclose(trl_chosen, scores.chosen_sum.double(), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(torch.tensor(reference["ref_rejected_logps"], dtype=torch.float64),
+                          scores.rejected_sum.double(), rtol=1e-4, atol=1e-4)
+    assert (trl_chosen - torch.tensor(without_bos)).abs().max() > 1e-2, "this check must see a missing BOS"
+
+
+# --- the evaluation of a trained model ---------------------------------------------------------------------------
+
+
+def test_a_variants_row_against_the_textbook_log_likelihoods(profile, tokenizer, setup, other_model_path,
+                                                             naive_answer_logprob):
+    """evaluate_variant on another model (the tiny one with a random LoRA update merged in), the base model as its
+    reference: its margin, chosen-likelihood change and per-token accuracy equal what one-sequence-at-a-time
+    log-likelihoods (an independent implementation) give on the same pairs."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers.data import PreparedData
+    from helpers.scoring import score_pairs
+
+    _, data, _, _, _ = setup
+    small = PreparedData(data.train, data.heldout.select(range(HELDOUT)), data.heldout_rows[:HELDOUT], data.report,
+                         data.heldout_report)
+    base = AutoModelForCausalLM.from_pretrained(profile.model_id, dtype="float32").eval()
+    other = AutoModelForCausalLM.from_pretrained(other_model_path, dtype="float32").eval()
+    beta = profile.dpo["beta"]
+    row = V.evaluate_variant(other, tokenizer, small, score_pairs(base, tokenizer, small.heldout), beta, answers=2)
+    pairs = list(small.heldout)
+    ref = {(i, s): naive_answer_logprob(base, tokenizer, p["prompt"], p[s]) for i, p in enumerate(pairs)
+           for s in ("chosen", "rejected")}
+    pol = {(i, s): naive_answer_logprob(other, tokenizer, p["prompt"], p[s]) for i, p in enumerate(pairs)
+           for s in ("chosen", "rejected")}
+    n = len(pairs)
+    deltas = [(pol[i, "chosen"] - ref[i, "chosen"]) - (pol[i, "rejected"] - ref[i, "rejected"]) for i in range(n)]
+    assert row["margin"] == pytest.approx(beta * sum(deltas) / n, abs=1e-4) and abs(row["margin"]) > 1e-3
+    assert row["margin_nats"] == pytest.approx(sum(deltas) / n, abs=1e-3)
+    change = [pol[i, "chosen"] - ref[i, "chosen"] for i in range(n)]
+    assert row["chosen_logp_change"] == pytest.approx(sum(change) / n, abs=1e-3)
+    count = {(i, s): len(tokenizer(p["prompt"] + p[s])["input_ids"]) - len(tokenizer(p["prompt"])["input_ids"])
+             for i, p in enumerate(pairs) for s in ("chosen", "rejected")}
+    wins = [pol[i, "chosen"] / count[i, "chosen"] > pol[i, "rejected"] / count[i, "rejected"] for i in range(n)]
+    assert row["accuracy_per_token"] == pytest.approx(sum(wins) / n)
+    assert row["answers"] == 2 and 0.0 <= row["well_formed"] <= 1.0 and isinstance(row["sample"], str)
+
+
+def test_the_table_and_the_curves(tmp_path):
+    rows = {"base": {"accuracy_per_token": 0.6, "margin": 0.0, "well_formed": 1.0},
+            "ipo": {"accuracy_per_token": 0.81234, "margin": 1.5, "well_formed": 0.9, "seconds_per_step": 0.4}}
+    table = V.results_table(rows)
+    assert list(table.index) == ["base", "ipo"]
+    assert list(table.columns) == [V.COLUMNS[k] for k in ("accuracy_per_token", "margin", "well_formed",
+                                                           "seconds_per_step")]
+    assert table.loc["ipo", V.COLUMNS["accuracy_per_token"]] == 0.812
+    assert math.isnan(table.loc["base", V.COLUMNS["seconds_per_step"]])
+    history = [{"step": 5, "loss": 25.0, "rewards/margins": 0.1, "logps/chosen": -10.0},
+               {"step": 10, "loss": 5.0, "rewards/margins": 1.0, "logps/chosen": -9.0}, {"step": 10, "train_loss": 1}]
+    fig = V.plot_variant_curves({"ipo": history, V.ORPO: history}, tmp_path / "plots" / "curves.png")
+    assert (tmp_path / "plots" / "curves.png").stat().st_size > 1000
+    loss = fig.axes[0].lines[0]
+    assert list(loss.get_xdata()) == [5, 10] and list(loss.get_ydata()) == pytest.approx([1.0, 0.2])
+    assert fig.axes[1].lines[1].get_linestyle() == "--", "ORPO is drawn dashed"
