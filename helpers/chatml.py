@@ -127,23 +127,28 @@ def adds_word_start(tokenizer) -> bool:
     return first.startswith("\u2581")
 
 
-def tokenize_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, answer_ids)`` exactly as TRL 1.16's ``DPOTrainer`` tokenises a pair in the standard form.
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids two token lists share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer, prompt: str, *answers: str) -> tuple[list[int], ...]:
+    """``(prompt_ids, answer_ids, ...)`` exactly as TRL 1.16's ``DPOTrainer`` tokenises a pair in the standard form.
 
     TRL tokenises the prompt, and prompt + answer, *together* (``tokenizer(text)``: the tokenizer's own special tokens
-    included, so a sentencepiece tokenizer such as Mistral's puts ``<s>`` first), and the answer starts where the two
+    included, so a sentencepiece tokenizer such as Mistral's puts ``<s>`` first), and an answer starts where the two
     diverge. Tokenising the answer alone would give other tokens: a sentencepiece tokenizer adds a word-start ``▁`` to
-    a string's first word (:func:`adds_word_start`). TRL splits both answers of a pair at the shorter of their two
-    common prefixes; after a ChatML prompt, which ends in a newline, each is the whole prompt (tests/test_chatml.py
-    checks the course's pairs). The course scores and generates with these ids (helpers.scoring), so what it
-    measures is what TRL trained.
+    a string's first word (:func:`adds_word_start`). Given both answers of a pair, TRL cuts both at the shorter of their
+    two common prefixes (a token that merges across the prompt's end, such as a "\nI" piece, then counts as part of
+    both answers). The course scores with these ids (helpers.scoring), so what it measures is what TRL trained.
     """
     prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(prompt + answer)["input_ids"]
-    split = 0
-    while split < min(len(prompt_ids), len(full_ids)) and prompt_ids[split] == full_ids[split]:
-        split += 1
-    return full_ids[:split], full_ids[split:]
+    full = [tokenizer(prompt + answer)["input_ids"] for answer in answers]
+    split = min(common_prefix(prompt_ids, ids) for ids in full)
+    return (prompt_ids[:split], *(ids[split:] for ids in full))
 
 
 @dataclass(frozen=True)

@@ -40,32 +40,39 @@ def by_length(lengths: Sequence[int], batch_size: int, max_tokens: int | None = 
 
 
 @torch.no_grad()
-def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The log-likelihood of each answer given its prompt, summed over the answer's tokens: ``(sums [N], counts [N])``.
+def ids_logprobs(model, pad_id: int, rows: Sequence[tuple[list[int], list[int]]], batch_size: int = 16
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-likelihood of each answer given its prompt, summed over the answer's tokens: ``(sums [N], counts [N])``
+    for ``rows`` of ``(prompt_ids, answer_ids)``.
 
     TRL's ``selective_log_softmax`` gathers each target token's log-probability row by row instead of materialising a
     [rows, tokens, vocabulary] log-softmax (3.9 GiB for 16 answers of 1,000 tokens with Mistral's vocabulary).
     """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     model.eval()
     device = next(model.parameters()).device
-    pairs = [tokenize_pair(tokenizer, p, a) for p, a in zip(prompts, answers)]
-    rows = [p + a for p, a in pairs]
-    sums, counts = torch.zeros(len(rows)), torch.zeros(len(rows))
+    full = [p + a for p, a in rows]
+    sums, counts = torch.zeros(len(full)), torch.zeros(len(full))
     vocab = model.get_output_embeddings().weight.shape[0]
-    for batch in by_length([len(r) for r in rows], batch_size, max_tokens=max(1, LOGIT_BUDGET // vocab)):
-        width = max(len(rows[i]) for i in batch)
-        pad = [width - len(rows[i]) for i in batch]
-        ids = torch.tensor([rows[i] + [tokenizer.pad_token_id] * n for i, n in zip(batch, pad)], device=device)
-        attention = torch.tensor([[1] * len(rows[i]) + [0] * n for i, n in zip(batch, pad)], device=device)
-        mask = torch.tensor([[0] * len(pairs[i][0]) + [1] * len(pairs[i][1]) + [0] * n for i, n in zip(batch, pad)],
+    for batch in by_length([len(r) for r in full], batch_size, max_tokens=max(1, LOGIT_BUDGET // vocab)):
+        width = max(len(full[i]) for i in batch)
+        pad = [width - len(full[i]) for i in batch]
+        ids = torch.tensor([full[i] + [pad_id] * n for i, n in zip(batch, pad)], device=device)
+        attention = torch.tensor([[1] * len(full[i]) + [0] * n for i, n in zip(batch, pad)], device=device)
+        mask = torch.tensor([[0] * len(rows[i][0]) + [1] * len(rows[i][1]) + [0] * n for i, n in zip(batch, pad)],
                             device=device)[:, 1:].float()
         logps = selective_log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
         sums[batch] = (logps.float() * mask).sum(1).cpu()
         counts[batch] = mask.sum(1).cpu()
     return sums, counts
+
+
+def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ids_logprobs` of answers to prompts, each tokenised as TRL does (:func:`helpers.chatml.tokenize_pair`)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    rows = [tokenize_pair(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    return ids_logprobs(model, tokenizer.pad_token_id, rows, batch_size)
 
 
 @dataclass
@@ -90,10 +97,12 @@ class PairScores:
 
 
 def score_pairs(model, tokenizer, formatted, batch_size: int = 16) -> PairScores:
-    """Score every (prompt, chosen, rejected) of a ChatML-formatted data set under ``model``."""
+    """Score every (prompt, chosen, rejected) of a ChatML-formatted data set under ``model``, each pair tokenised and
+    split exactly as TRL's DPOTrainer splits it (both answers at one boundary)."""
     prompts = list(formatted["prompt"])
-    chosen = answer_logprobs(model, tokenizer, prompts, list(formatted["chosen"]), batch_size)
-    rejected = answer_logprobs(model, tokenizer, prompts, list(formatted["rejected"]), batch_size)
+    split = [tokenize_pair(tokenizer, p, c, r) for p, c, r in zip(prompts, formatted["chosen"], formatted["rejected"])]
+    chosen = ids_logprobs(model, tokenizer.pad_token_id, [(p, c) for p, c, _ in split], batch_size)
+    rejected = ids_logprobs(model, tokenizer.pad_token_id, [(p, r) for p, _, r in split], batch_size)
     kinds = list(formatted["kind"]) if "kind" in formatted.column_names else ["all"] * len(prompts)
     return PairScores(chosen[0], rejected[0], chosen[1], rejected[1], kinds)
 

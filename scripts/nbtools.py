@@ -188,21 +188,17 @@ def execute_copy(path: Path, out_path: Path, *, parameters: dict[str, object] | 
     ``nbclient.exceptions.CellExecutionError``, except the exercise checks tagged ``raises-exception``.
     """
     nb = with_parameters(nbformat.read(path, as_version=4), parameters or {})
-    saved = dict(os.environ)
-    os.environ.update(env or {})
+    started = time.perf_counter()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
     try:
-        started = time.perf_counter()
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}})
-        try:
-            client.execute()
-        finally:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(strip(nb), out_path)
-        return time.perf_counter() - started
+        # the kernel gets its own environment: this process's is never changed, so that runs side by side
+        # (benchmarks/seeds.py runs two seeds at a time in threads) cannot see each other's settings
+        client.execute(env={**os.environ, **(env or {})})
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(strip(nb), out_path)
+    return time.perf_counter() - started
 
 
 # What a notebook reads from the run folder that another one writes: it starts only after those have finished.
