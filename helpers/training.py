@@ -1,5 +1,4 @@
-"""DPO training (notebook 04): what happens between ``DPOTrainer(...)`` and ``trainer.train()``, and what a finished run
-leaves in its folder.
+"""DPO training (notebook 04): what happens between ``DPOTrainer(...)`` and ``trainer.train()``, and what a run leaves.
 
 Notebook 04 writes ``DPOConfig(...)``, ``DPOTrainer(...)`` and ``trainer.train()`` in its cells. :func:`train_dpo` makes
 the same calls for the notebooks that need another trained run (05's QLoRA run, 06's plain DPO, 10's baseline, 11's

@@ -1,27 +1,14 @@
-"""Helpers for the course's lm_eval tasks: keep only the held-out pairs of one kind."""
+"""The data of the course's lm-eval task, found from this file: the task works from any working directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def _only(dataset, kind: str):
-    return dataset.filter(lambda doc: doc["kind"] == kind)
+import datasets
 
-
-def helpful_vs_evasive(dataset):
-    """The pairs where a helpful answer is preferred to an evasive one."""
-    return _only(dataset, "helpful_vs_evasive")
+HELDOUT = Path(__file__).resolve().parents[2] / "data" / "heldout.jsonl"
 
 
-def concise_vs_rambling(dataset):
-    """The pairs where a concise answer is preferred to a rambling one."""
-    return _only(dataset, "concise_vs_rambling")
-
-
-def correct_vs_wrong(dataset):
-    """The pairs where a correct answer is preferred to a wrong one."""
-    return _only(dataset, "correct_vs_wrong")
-
-
-def follows_system(dataset):
-    """The pairs where the answer that follows the system prompt is preferred."""
-    return _only(dataset, "follows_system")
+def heldout_pairs(**_metadata) -> datasets.DatasetDict:
+    """data/heldout.jsonl as the task's ``test`` split (lm-eval passes the task's metadata, unused here)."""
+    return datasets.DatasetDict(test=datasets.load_dataset("json", data_files=str(HELDOUT), split="train"))
