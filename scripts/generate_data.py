@@ -18,17 +18,21 @@ Files written (run ``python scripts/generate_data.py``):
 - ``data/sft.jsonl``: the short instruction-tuning set for the tiny base model. Every train prompt
   appears once with its chosen OR its rejected answer (a coin flip), plus neutral statements, so the
   base model speaks ChatML but does not already hold the preference DPO will teach.
-- ``data/SHA256SUMS``: checksums, verified by the tests.
+- ``data/train_noisy.jsonl`` (notebook 11): a noisy twin of train, from fresh rows of the same generator (another
+  seed; no row of train, no held-out question except the planted overlaps), with the defects the best-known audit of
+  orca_dpo_pairs found (argilla re-judged its 12,859 pairs: about 2,000 swapped, about 4,000 ties) at those rates,
+  and a length bias: every tie's chosen answer is the longer one. Its ``defect`` column records the truth ("none",
+  "swapped", "tie", "identical", "duplicate", "eval_overlap"); it is for scoring the judges, never for filtering.
+- ``data/SHA256SUMS``: checksums, verified by the tests (only the lines of the files written here are replaced).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
-
-from helpers.saving import write_text_atomically
 
 SEED = 2024
 TRAIN_PER_KIND = 200
@@ -258,23 +262,89 @@ def make_sft(train: list[dict[str, str]], seed: int = SEED) -> list[dict[str, ob
     rng.shuffle(rows)
     return rows
 
+# The noisy twin (notebook 11). argilla/distilabel-intel-orca-dpo-pairs re-judged Intel/orca_dpo_pairs' 12,859 pairs
+# and reported about 2,000 swapped (the judge preferred the rejected answer) and about 4,000 ties: those rates here.
+NOISY_SEED = SEED + 11
+ORCA_PAIRS, ORCA_SWAPPED, ORCA_TIES = 12_859, 2_000, 4_000
+NOISY_PLANTED = {"eval_overlap": 16, "duplicate": 16, "identical": 8}  # rows of 800: 2%, 2%, 1%
+COURTESY = ["I hope this helps.", "Let me know if you have another question.", "Happy to help with more.",
+            "That should answer it."]
+
+
+def _tie(row: dict[str, str], rng: random.Random) -> dict[str, str]:
+    """Two answers of the same quality, the chosen one longer: the good answer with and without a courtesy line
+    (for ``concise_vs_rambling``: two rambling answers, the chosen one with one sentence more)."""
+    good = row["rejected"] if row["kind"] == "concise_vs_rambling" else row["chosen"]
+    return {**row, "chosen": f"{good} {rng.choice(COURTESY)}", "rejected": good}
+
+
+def make_noisy_twin(train: list[dict[str, str]], heldout: list[dict[str, str]], seed: int = NOISY_SEED
+                    ) -> list[dict[str, str]]:
+    """As many rows as ``train``, drawn afresh, with swapped pairs and ties at argilla's orca rates, planted identical
+    pairs, exact duplicates and held-out prompts; the ``defect`` column says which row is which."""
+    rng = random.Random(seed)
+    train_rows = {tuple(r[k] for k in ("system", "question", "chosen", "rejected")) for r in train}
+    heldout_questions = {r["question"] for r in heldout}
+    fresh_count = len(train) - NOISY_PLANTED["eval_overlap"] - NOISY_PLANTED["duplicate"]
+    fresh: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for index in range(fresh_count):
+        kind = KINDS[index % len(KINDS)]
+        while True:
+            row = make_row(kind, rng)
+            key = (row["system"], row["question"])
+            if key not in seen and row["question"] not in heldout_questions and \
+                    tuple(row[k] for k in ("system", "question", "chosen", "rejected")) not in train_rows:
+                break
+        seen.add(key)
+        fresh.append({**row, "defect": "none"})
+    order = list(range(fresh_count))
+    rng.shuffle(order)
+    swapped = round(len(train) * ORCA_SWAPPED / ORCA_PAIRS)
+    ties = round(len(train) * ORCA_TIES / ORCA_PAIRS)
+    for position, i in enumerate(order):
+        row = fresh[i]
+        if position < swapped:
+            fresh[i] = {**row, "chosen": row["rejected"], "rejected": row["chosen"], "defect": "swapped"}
+        elif position < swapped + ties:
+            fresh[i] = {**_tie(row, rng), "defect": "tie"}
+        elif position < swapped + ties + NOISY_PLANTED["identical"]:
+            fresh[i] = {**row, "rejected": row["chosen"], "defect": "identical"}
+    planted = [{**r, "defect": "eval_overlap"} for r in rng.sample(heldout, NOISY_PLANTED["eval_overlap"])]
+    clean = [r for r in fresh if r["defect"] == "none"]  # planted rows carry correct labels: one defect each
+    planted += [{**r, "defect": "duplicate"} for r in rng.sample(clean, NOISY_PLANTED["duplicate"])]
+    rows = fresh + planted
+    rng.shuffle(rows)
+    return rows
+
 
 def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
-    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """The rows as JSON lines, through a temporary file and a rename (a crash leaves the old file whole)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def update_checksums(names: list[str], folder: Path = DATA_DIR) -> None:
+    """Replace (or add) the SHA256SUMS lines of ``names``; every other line (the tiny model's) stays as it is."""
+    sums = folder / "SHA256SUMS"
+    new = {name: f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}" for name in names}
+    lines = sums.read_text().splitlines() if sums.is_file() else []
+    lines = [new.pop(line.split("  ", 1)[-1], line) for line in lines]  # in place, in their order
+    sums.write_text("\n".join(lines + list(new.values())) + "\n")
 
 
 def main() -> None:
-    """Write train/heldout/sft JSONL and their checksums."""
+    """Write train/heldout/sft/train_noisy JSONL and their checksums."""
     DATA_DIR.mkdir(exist_ok=True)
     train, heldout = make_splits()
-    files = {"train.jsonl": train, "heldout.jsonl": heldout, "sft.jsonl": make_sft(train)}
+    files = {"train.jsonl": train, "heldout.jsonl": heldout, "sft.jsonl": make_sft(train),
+             "train_noisy.jsonl": make_noisy_twin(train, heldout)}
     for name, rows in files.items():
         _write_jsonl(DATA_DIR / name, rows)
-    sums = "".join(
-        f"{hashlib.sha256((DATA_DIR / name).read_bytes()).hexdigest()}  {name}\n" for name in sorted(files)
-    )
-    (DATA_DIR / "SHA256SUMS").write_text(sums)
-    print(f"train: {len(train)} pairs, heldout: {len(heldout)} pairs, sft: {len(files['sft.jsonl'])} rows")
+    update_checksums(list(files))
+    print(f"train: {len(train)} pairs, heldout: {len(heldout)} pairs, sft: {len(files['sft.jsonl'])} rows, "
+          f"train_noisy: {len(files['train_noisy.jsonl'])} pairs")
 
 
 if __name__ == "__main__":

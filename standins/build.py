@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.profiles import DATA_DIR, PROFILES, REPO_ROOT
+from standins import argilla
 from standins import hub as published
 
 QWEN_ID = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -27,7 +28,7 @@ ORCA_COLUMNS = ("system", "question", "chosen", "rejected")
 MARKER = "standins.json"  # written last into a stand-in folder: its presence means the build is complete
 STANDIN_NOTE = "OFFLINE STAND-INS: random-weight look-alikes of the hub models and data, NOT the real ones"
 _CORPUS_FILES = ("train.jsonl", "heldout.jsonl", "sft.jsonl")
-_CODE_FILES = ("standins/build.py", "standins/hub.py")
+_CODE_FILES = ("standins/build.py", "standins/hub.py", "standins/argilla.py")
 _DATASET_DIR = ("Intel___orca_dpo_pairs", "default", "0.0.0")  # what `datasets` looks for offline, under its cache
 
 
@@ -651,6 +652,7 @@ def _build_files(root: Path, recipe: StandinRecipe, key: str) -> dict[str, Any]:
         _check_lengths(lengths[profile], profile)
 
     dataset = _write_dataset(root / "datasets", rows)
+    argilla.write_dataset(root / "datasets", rows, recipe.seed)  # notebook 11: argilla's ratings of the same rows
     hub = root / "hub"
     models = {}
 

@@ -1,4 +1,4 @@
-"""Notebooks 04-06 on a free Colab T4's path: the `t4` profile's cells on the offline stand-ins of
+"""Notebooks 04-06 and 11 on a free Colab T4's path: the `t4` profile's cells on the offline stand-ins of
 Qwen2.5-0.5B-Instruct and Intel/orca_dpo_pairs (tests only, standins/): a Qwen2 with q/k/v biases and tied
 embeddings, a byte-level BPE tokenizer and Qwen's own chat template, trained in 4-bit, merged and evaluated in one
 output folder as a learner's Colab runs go from one notebook to the next. Every cell must run; only the exercise
@@ -17,7 +17,7 @@ from helpers.profiles import REPO_ROOT
 from scripts.nbtools import run_on_standin
 
 PROFILE = "t4"
-NOTEBOOKS = ["04_dpo_training", "05_merging", "06_evaluation"]
+NOTEBOOKS = ["04_dpo_training", "05_merging", "06_evaluation", "11_data_audit"]
 
 
 @pytest.fixture(scope="module")
