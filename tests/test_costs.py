@@ -6,7 +6,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from helpers.paths import REPO_ROOT
+from helpers.profiles import REPO_ROOT
 from scripts.nbtools import README_BLOCKS, cost_line, read_costs, readme_block
 
 COSTS = read_costs()

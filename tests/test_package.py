@@ -102,8 +102,10 @@ def test_imports_stand_at_the_top_or_say_why_not():
                 for inner in ast.walk(node):
                     if isinstance(inner, ast.Import | ast.ImportFrom):
                         at = inner.lineno - 1  # a comment on the line, or above its block of imports
-                        while at > 0 and lines[at - 1].strip().startswith(("import ", "from ")) and "#" not in lines[at]:
+                        above = lines[at - 1].strip()
+                        while at > 0 and above.startswith(("import ", "from ")) and "#" not in lines[at]:
                             at -= 1
+                            above = lines[at - 1].strip()
                         assert "#" in lines[at] or lines[at - 1].strip().startswith("#"), (
                             f"helpers/{name}.py:{inner.lineno} imports inside {node.name}() without a comment why")
 
