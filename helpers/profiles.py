@@ -174,7 +174,7 @@ TINY = replace(
                "round_steps": 16, "warmup_steps": 2, "reward_steps": 20, "reward_learning_rate": 3e-3,
                "online_steps": 4, "cost": "about a minute on 2 CPU cores (measured)"},
     audit={**FULL.audit, "dataset": "data/train_noisy.jsonl", "min_chosen_score": 0.0, "reward_steps": 20,
-           "reward_learning_rate": 3e-3, "train_steps": 60, "cost": "about a minute on 2 CPU cores (measured)"},
+           "reward_learning_rate": 3e-3, "train_steps": 30, "cost": "about a minute on 2 CPU cores (measured)"},
     real_model=False,
     why={
         "model_id": "the course's tiny Mistral-architecture chat model (data/tiny_model), same module names",
