@@ -258,7 +258,7 @@ def run_course(notebooks: list[Path], out_dir: Path, *, jobs: int = 2, timeout: 
 
 
 COSTS_FILE = REPO_ROOT / "docs" / "costs.csv"
-COST_PARAGRAPH = re.compile(r"\*\*Cost(\*\*[:.]|[:.]\*\*).*?(?=\n\n|\Z)", re.S)  # **Cost**: / **Cost.**
+COST_PARAGRAPH = re.compile(r"\*\*Cost(\*\*[:.( ]|[:.]\*\*).*?(?=\n\n|\Z)", re.S)  # **Cost** (...): / **Cost**:
 README_BLOCKS = ("notebooks", "colab")  # README sections written from the cost table, between marker comments
 
 
