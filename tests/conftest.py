@@ -47,22 +47,35 @@ def tiny_model(profile):
     return AutoModelForCausalLM.from_pretrained(profile.model_id, dtype="float32").eval()
 
 
+def add_random_lora(model, targets: list[str], *, r: int = 4, std: float = 0.05, seed: int = 7):
+    """``model`` wrapped with a LoRA adapter whose B is random (seeded), not zero: the adapter changes the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=targets))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std)
+    return wrapped
+
+
+@pytest.fixture(scope="session")
+def random_lora():
+    """:func:`add_random_lora`, for the tests that need a model its adapter really changes."""
+    return add_random_lora
+
+
 @pytest.fixture(scope="session")
 def other_model_path(tmp_path_factory) -> Path:
     """A second model, different from the tiny one but of its family: the tiny model with a random LoRA update
     (seeded, non-zero B) merged in and saved. Tests compare two models with it, never a model with itself."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("other-model")
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    torch.manual_seed(7)
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype="float32")
+    wrapped = add_random_lora(model, ["q_proj", "v_proj", "down_proj"])
     wrapped.merge_and_unload().save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(TINY_MODEL).save_pretrained(folder)
     return folder

@@ -44,14 +44,9 @@ def test_parameters_are_counted_as_peft_counts_them(profile):
     assert (trainable, total) == wrapped.get_nb_trainable_parameters()
 
 
-def lora_gradients(model, ids):
+def lora_gradients(model, ids, random_lora):
     """The LoRA gradients of one language-modelling step (a non-zero B, so that A's gradients exist too)."""
-    torch.manual_seed(0)
-    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
+    wrapped = random_lora(model, ["q_proj", "up_proj", "down_proj"], std=0.02, seed=0)
     wrapped.train()
     wrapped(input_ids=ids, labels=ids).loss.backward()
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in wrapped.parameters() if p.requires_grad]
@@ -62,17 +57,18 @@ def worst_relative(a, b) -> float:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the repacking is bitsandbytes' CPU path")
-def test_the_cpu_guard_keeps_the_gradient_through_4bit_weights(profile):
+def test_the_cpu_guard_keeps_the_gradient_through_4bit_weights(profile, random_lora):
     """An evaluation before training (eval mode, no gradient) makes bitsandbytes repack the 4-bit weights on an
     AVX512-BF16 CPU, after which backward through them is lost; the guard must keep the gradients intact."""
     from bitsandbytes.functional import has_avx512bf16
 
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(3))
-    reference = lora_gradients(load_base_model(profile, four_bit=True), ids)  # no eval pass: nothing repacked
+    fresh = load_base_model(profile, four_bit=True)  # no eval pass yet: nothing repacked
+    reference = lora_gradients(fresh, ids, random_lora)
     guarded = load_base_model(profile, four_bit=True)  # load_base_model guards
     with torch.no_grad():
         guarded.eval()(input_ids=ids[:, :8])
-    assert worst_relative(lora_gradients(guarded, ids), reference) < 1e-5
+    assert worst_relative(lora_gradients(guarded, ids, random_lora), reference) < 1e-5
     unguarded = load_base_model(profile, four_bit=True)
     layers = keep_nf4_trainable(unguarded)
     for module in unguarded.modules():
@@ -81,7 +77,7 @@ def test_the_cpu_guard_keeps_the_gradient_through_4bit_weights(profile):
     with torch.no_grad():
         unguarded.eval()(input_ids=ids[:, :8])
     if has_avx512bf16():  # the repacking exists only on such CPUs: there it must show, and hurt
-        assert layers > 0 and worst_relative(lora_gradients(unguarded, ids), reference) > 1e-3
+        assert layers > 0 and worst_relative(lora_gradients(unguarded, ids, random_lora), reference) > 1e-3
 
 
 def test_largest_difference_of_tensors_and_lists():

@@ -34,19 +34,29 @@ def stream_text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_the_notebook_runs_top_to_bottom(name, outputs):
-    run_on_standin(REPO_ROOT / "notebooks" / f"{name}.ipynb", PROFILE, outputs)
+def runs_top_to_bottom(name: str, profile: str, outputs: Path) -> None:
+    """Run notebook ``name`` on ``profile``'s stand-in; every cell must pass and the first line must say so."""
+    run_on_standin(REPO_ROOT / "notebooks" / f"{name}.ipynb", profile, outputs)
     nb = nbformat.read(outputs / "executed" / f"{name}.ipynb", as_version=4)
     start = next(c for c in nb.cells if "notebook.start(" in c.source)
-    assert stream_text(start).startswith(f"OFFLINE STAND-INS (profile {PROFILE})"), "the first line must say so"
+    assert stream_text(start).startswith(f"OFFLINE STAND-INS (profile {profile})"), "the first line must say so"
+
+
+def trained_in_4bit_and_merged(profile: str, outputs: Path) -> None:
+    """Notebook 04's run in ``outputs`` trained ``profile``'s recipe in 4-bit with checkpointing; 05 merged it."""
+    run = outputs / "runs" / f"{profile}-main"
+    if not (run / "adapter").is_dir():
+        pytest.skip("notebook 04 did not run in this session (run the whole file)")
+    saved = json.loads((run / "adapter" / "course_profile.json").read_text())
+    assert saved["name"] == profile and saved["bnb"]["load_in_4bit"] is True
+    assert saved["dpo"]["gradient_checkpointing"] is True
+    assert (run / "merged" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_notebook_runs_top_to_bottom(name, outputs):
+    runs_top_to_bottom(name, PROFILE, outputs)
 
 
 def test_the_recipe_trained_in_4bit_and_merged(outputs):
-    run = outputs / "runs" / f"{PROFILE}-main"
-    if not (run / "adapter").is_dir():
-        pytest.skip("notebook 04 did not run in this session (run the whole file)")
-    profile = json.loads((run / "adapter" / "course_profile.json").read_text())
-    assert profile["name"] == PROFILE and profile["bnb"]["load_in_4bit"] is True
-    assert profile["dpo"]["gradient_checkpointing"] is True
-    assert (run / "merged" / "config.json").is_file()
+    trained_in_4bit_and_merged(PROFILE, outputs)
