@@ -3,6 +3,7 @@ computes from them, and the evaluation of a trained model - each against TRL its
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import beyond_dpo as V
+from helpers.profiles import REPO_ROOT
 
 PAIRS = 8
 HELDOUT = 4
@@ -309,3 +311,22 @@ def test_the_table_and_the_curves(tmp_path):
     loss = fig.axes[0].lines[0]
     assert list(loss.get_xdata()) == [5, 10] and list(loss.get_ydata()) == pytest.approx([1.0, 0.2])
     assert fig.axes[1].lines[1].get_linestyle() == "--", "ORPO is drawn dashed"
+
+
+def test_notebook_08s_self_checks_hold_on_every_committed_seed(profile) -> None:
+    """08's self-checks (sections 5 and 6) read back from the committed benchmark (seeds_08.json): a rerun of the
+    benchmark that no longer supports them fails here, not in a learner's notebook."""
+    seeds = json.loads((REPO_ROOT / "benchmarks" / "results" / "seeds_08.json").read_text())
+    assert seeds["notebook"] == "08_beyond_dpo" and len(seeds["seeds"]) >= 5
+    rows = seeds["rows"]
+    betas = sorted([0.1, *profile.beyond["betas"]])
+    for i, seed in enumerate(seeds["seeds"]):
+        for name in profile.beyond["variants"]:
+            assert rows[name]["accuracy_per_token"][i] > rows["base"]["accuracy_per_token"][i] + 0.05, (name, seed)
+            if name != "sigmoid+sft":
+                assert rows[name]["chosen_logp_change"][i] < 0, (name, seed)
+        assert rows["sigmoid+sft"]["chosen_logp_change"][i] > 0, seed
+        for name in ("sigmoid+sft", "hinge", "orpo"):
+            assert rows[name]["well_formed"][i] >= 0.9, (name, seed)
+        deltas = [rows["sigmoid" if beta == 0.1 else f"sigmoid-beta{beta}"]["margin_nats"][i] for beta in betas]
+        assert deltas == sorted(deltas, reverse=True), (seed, deltas)  # Δ shrinks as β grows

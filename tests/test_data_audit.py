@@ -28,7 +28,7 @@ from helpers.data_audit import (
     rule_check,
     rule_verdicts,
 )
-from helpers.profiles import DATA_DIR
+from helpers.profiles import DATA_DIR, REPO_ROOT
 from scripts import generate_data
 from standins.argilla import argilla_rows
 
@@ -276,3 +276,15 @@ def test_argilla_standin_rows_have_the_published_layout():
                                "swapped" if by_label["rejected"] > by_label["chosen"] else "unchanged")
         assert r["chosen"] == (orca_row["rejected"] if r["status"] == "swapped" else orca_row["chosen"])
     assert sum(r["in_gsm8k_train"] for r in rows) == 3
+
+
+def test_notebook_11s_gain_check_holds_on_every_committed_seed() -> None:
+    """11's self-check (filtered pairs gain more than 0.03 held-out accuracy) and its text (0.10 or more on every
+    seed) read back from the committed benchmark (seeds_11.json), with the filter on fewer pairs and fewer errors."""
+    seeds = json.loads((REPO_ROOT / "benchmarks" / "results" / "seeds_11.json").read_text())
+    assert seeds["notebook"] == "11_data_audit" and len(seeds["seeds"]) >= 5
+    every, kept = seeds["rows"]["all pairs"], seeds["rows"]["filtered"]
+    for i, seed in enumerate(seeds["seeds"]):
+        gain = kept["accuracy"][i] - every["accuracy"][i]
+        assert gain > 0.03 and round(gain, 2) >= 0.10, (seed, gain)  # the check, and the text's "0.10 or more"
+        assert kept["pairs"][i] < every["pairs"][i] and kept["label_errors"][i] < every["label_errors"][i], seed

@@ -3,6 +3,8 @@ scores, and the judge as TRL's online reward function - against hand-made cases 
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -13,7 +15,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from trl.experimental.utils import truncate_right
 
 from helpers import on_policy_dpo as P
-from helpers.profiles import PROFILES
+from helpers.profiles import PROFILES, REPO_ROOT
 from helpers.scoring import Generation
 
 EOS = "<|im_end|>"
@@ -265,3 +267,19 @@ def test_a_later_round_is_held_to_the_previous_rounds_adapter(profile, tokenizer
     for name, value in round_one.items():
         assert torch.equal(second.model.get_parameter(name.replace(".default.", ".ref.")), value), "ref moved"
     assert not all(torch.equal(second.model.get_parameter(n), v) for n, v in round_one.items()), "round 2 trained"
+
+
+def test_notebook_10s_self_checks_hold_on_every_committed_seed() -> None:
+    """10's comparison self-check read back from the committed benchmark (seeds_10.json), seed by seed."""
+    seeds = json.loads((REPO_ROOT / "benchmarks" / "results" / "seeds_10.json").read_text())
+    assert seeds["notebook"] == "10_on_policy_dpo" and len(seeds["seeds"]) >= 5
+    rows = seeds["rows"]
+    rounds = [rows[name] for name in sorted(rows) if name.startswith("on-policy round ")]
+    assert len(rounds) == PROFILES["tiny"].on_policy["rounds"]
+    off, sft = rows["off-policy (04)"], rows["SFT model"]
+    for i, seed in enumerate(seeds["seeds"]):
+        best_round = max(r["accuracy"][i] for r in rounds)
+        assert off["accuracy"][i] > best_round + 0.08, seed
+        assert best_round - sft["accuracy"][i] < (off["accuracy"][i] - sft["accuracy"][i]) / 2, seed
+        assert all(later["margin"][i] > earlier["margin"][i] for earlier, later in zip(rounds, rounds[1:])), seed
+        assert abs(rows["online"]["margin"][i]) < rounds[0]["margin"][i], seed
