@@ -42,8 +42,8 @@ step "offline stand-ins of the GPU profiles' hub models and data (tests only; ca
 step "ruff check ."
 check "ruff" "$PY" -m ruff check .
 
-step "helper tests: pytest tests (two workers, a test file per worker)"
-check "pytest tests/" "$PY" -m pytest -p no:cacheprovider -q -n 2 --dist loadfile tests
+step "helper tests: pytest tests (two workers, a test file per worker, the longest files first: tests/conftest.py)"
+check "pytest tests/" "$PY" -m pytest -p no:cacheprovider -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # nbval: every notebook, then its solutions, in two lanes side by side (scripts/nbtools.py lanes): the notebooks
 # that read each other's run folders (04 -> 05 -> 06, 09, 10) in course order in one, the others in the other.

@@ -15,6 +15,17 @@ import pytest  # noqa: E402
 from helpers.profiles import DATA_DIR  # noqa: E402
 
 TINY_MODEL = DATA_DIR / "tiny_model"
+# The test files that take longest (minutes: notebooks on the stand-ins, the tiny model's rebuild, the headless script),
+# longest first. scripts/run_checks.sh runs the files in collection order on two workers (-n 2 --dist loadfile
+# --no-loadscope-reorder), so the long ones start at once and the short ones fill in around them.
+LONGEST_FIRST = ("test_notebooks_on_full_standin.py", "test_build_tiny_model.py", "test_notebooks_on_t4_standin.py",
+                 "test_dpo_script.py", "test_gpu_acceptance.py", "test_accelerate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collect the longest test files first (see LONGEST_FIRST); the order inside a file is kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
